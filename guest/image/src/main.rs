@@ -1,0 +1,32 @@
+//! Castor's built-in guest.
+//!
+//! A freestanding program that runs entirely at CPL 3: no privileged
+//! instruction, no interrupts, polling only. The VMM starts every vCPU at
+//! [`_start`] in 64-bit mode with its own stack, `rdi` = vCPU id and
+//! `rsi` = guest-physical address of the [`BootInfo`] page. The workload is
+//! chosen by `BootInfo::workload`; new workloads are new modules dispatched here.
+#![no_std]
+#![no_main]
+
+mod dirtier;
+mod rt;
+
+use castor_guest_abi::{layout, status, workload, BootInfo, BOOT_MAGIC, BOOT_VERSION};
+
+/// Entry point of every vCPU.
+#[no_mangle]
+#[link_section = ".text._start"]
+pub extern "C" fn _start(vcpu: u64, boot_info: u64) -> ! {
+    if boot_info != layout::BOOT_INFO_ADDR {
+        rt::stop(status::BAD_BOOT_INFO);
+    }
+    // SAFETY: the VMM wrote a BootInfo at this identity-mapped address before start.
+    let info: BootInfo = unsafe { core::ptr::read_volatile(boot_info as *const BootInfo) };
+    if info.magic != BOOT_MAGIC || info.version != BOOT_VERSION || vcpu >= info.vcpu_count as u64 {
+        rt::stop(status::BAD_BOOT_INFO);
+    }
+    match info.workload {
+        workload::DIRTIER => dirtier::run(vcpu, &info),
+        _ => rt::stop(status::BAD_BOOT_INFO),
+    }
+}
