@@ -189,7 +189,8 @@ fn replica_tracks_primary_over_many_epochs() {
                 1 => r.fill_bytes(&mut primary[p][..]),
                 _ => {
                     let at = r.gen_range(0..PAGE_SIZE - 64);
-                    r.fill_bytes(&mut primary[p][at..at + r.gen_range(1..64)]);
+                    let len = r.gen_range(1..64);
+                    r.fill_bytes(&mut primary[p][at..at + len]);
                 }
             }
             dirty.push(p);

@@ -1,0 +1,35 @@
+//! `castor-bench`: one subcommand per benchmark. Each prints a table, or with
+//! `--json` one JSON object per result row.
+
+mod pause;
+mod report;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "castor-bench", about = "Castor's benchmarks: each prints what it measured")]
+struct Cli {
+    /// One JSON object per result row instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Pause latency: pause() call to every vCPU out of KVM_RUN, under load.
+    Pause(pause::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let out = report::Output::new(cli.json);
+    let result = match cli.bench {
+        Bench::Pause(a) => pause::run(&a, &out),
+    };
+    if let Err(e) = result {
+        eprintln!("castor-bench: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,37 @@
+//! `castor`: the one user-facing binary. Each subcommand is a thin layer over
+//! the library crates (vmm, replicator, primary, backup).
+
+mod run;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "castor",
+    version,
+    about = "Castor keeps a KVM virtual machine alive when its host dies"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a guest on this host, unprotected, with live progress.
+    Run(run::RunArgs),
+}
+
+fn main() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => run::run(&a),
+    };
+    if let Err(e) = result {
+        eprintln!("castor: error: {e}");
+        std::process::exit(1);
+    }
+}
