@@ -7,7 +7,10 @@ mod report;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "castor-bench", about = "Castor's benchmarks: each prints what it measured")]
+#[command(
+    name = "castor-bench",
+    about = "Castor's benchmarks: each prints what it measured"
+)]
 struct Cli {
     /// One JSON object per result row instead of a table.
     #[arg(long, global = true)]

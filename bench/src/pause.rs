@@ -23,8 +23,14 @@ pub struct Args {
 pub fn run(args: &Args, out: &Output) -> Result<(), String> {
     let mut rows = Vec::new();
     for &vcpus in &args.vcpus {
-        let vm = Vm::new(&VmConfig { vcpus, mem_bytes: 256 << 20 }, Arc::new(NullSink))
-            .map_err(|e| e.to_string())?;
+        let vm = Vm::new(
+            &VmConfig {
+                vcpus,
+                mem_bytes: 256 << 20,
+            },
+            Arc::new(NullSink),
+        )
+        .map_err(|e| e.to_string())?;
         vm.boot(&GuestBoot {
             workload: Workload::Dirtier(DirtierParams {
                 working_set: 64 << 20,
@@ -65,6 +71,9 @@ pub fn run(args: &Args, out: &Output) -> Result<(), String> {
             ("max_us", json!(samples.last().copied().unwrap_or(f64::NAN))),
         ]);
     }
-    out.table("pause latency (pause() call to all vCPUs out of KVM_RUN), dirtier flat out", &rows);
+    out.table(
+        "pause latency (pause() call to all vCPUs out of KVM_RUN), dirtier flat out",
+        &rows,
+    );
     Ok(())
 }

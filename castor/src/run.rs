@@ -116,7 +116,13 @@ pub fn plan(a: &RunArgs) -> Result<(VmConfig, GuestBoot), RunError> {
     let workload = match a.guest {
         GuestKind::Dirtier => Workload::Dirtier(params),
     };
-    Ok((config, GuestBoot { workload, seed: a.seed }))
+    Ok((
+        config,
+        GuestBoot {
+            workload,
+            seed: a.seed,
+        },
+    ))
 }
 
 pub fn run(a: &RunArgs) -> Result<(), RunError> {
@@ -139,10 +145,15 @@ pub fn run(a: &RunArgs) -> Result<(), RunError> {
     vm.resume();
     let total = Duration::from_secs_f64(a.seconds);
     let (mut last_t, mut last_rec, mut last_iter) = (start, 0u64, 0u64);
-    let iterations = |p: &Progress| -> u64 { p.iterations.iter().map(|i| i.load(Ordering::Relaxed)).sum() };
+    let iterations =
+        |p: &Progress| -> u64 { p.iterations.iter().map(|i| i.load(Ordering::Relaxed)).sum() };
     while start.elapsed() < total {
         std::thread::sleep(Duration::from_secs(1).min(total.saturating_sub(start.elapsed())));
-        let (now, rec, it) = (Instant::now(), progress.records.load(Ordering::Relaxed), iterations(&progress));
+        let (now, rec, it) = (
+            Instant::now(),
+            progress.records.load(Ordering::Relaxed),
+            iterations(&progress),
+        );
         let dt = now.duration_since(last_t).as_secs_f64().max(1e-9);
         println!(
             "[{:>5.1}s] records/s {:>9.0}   dirty rate {:>8.1} MiB/s",
@@ -153,13 +164,19 @@ pub fn run(a: &RunArgs) -> Result<(), RunError> {
         (last_t, last_rec, last_iter) = (now, rec, it);
         for (i, s) in vm.vcpu_states().iter().enumerate() {
             if let VcpuRunState::Stopped(r) = s {
-                return Err(RunError::VcpuStopped { vcpu: i, reason: r.to_string() });
+                return Err(RunError::VcpuStopped {
+                    vcpu: i,
+                    reason: r.to_string(),
+                });
             }
         }
     }
     vm.pause();
     let secs = start.elapsed().as_secs_f64();
-    let (rec, it) = (progress.records.load(Ordering::Relaxed), iterations(&progress));
+    let (rec, it) = (
+        progress.records.load(Ordering::Relaxed),
+        iterations(&progress),
+    );
     println!(
         "summary: {:.1} s, {} records ({:.0}/s), {} page touches, average dirty rate {:.1} MiB/s",
         secs,

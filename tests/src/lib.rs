@@ -136,7 +136,10 @@ pub fn check_contiguous(records: &[Record], vcpus: u32, record_every: u64) -> Re
         for (i, r) in mine.iter().enumerate() {
             let want = i as u64 + 1;
             if r.seq != want {
-                return Err(format!("vCPU {v}: record #{i} has seq {} (expected {want})", r.seq));
+                return Err(format!(
+                    "vCPU {v}: record #{i} has seq {} (expected {want})",
+                    r.seq
+                ));
             }
             if r.iterations != want * record_every {
                 return Err(format!(

@@ -28,7 +28,11 @@ fn dirtier(record_every: u64, rate: u64) -> GuestBoot {
 fn no_vcpu_failed(vm: &Vm) {
     for (i, s) in vm.vcpu_states().iter().enumerate() {
         if let VcpuRunState::Stopped(r) = s {
-            assert_eq!(*r, StopReason::SinkStop, "vCPU {i} stopped unexpectedly: {r}");
+            assert_eq!(
+                *r,
+                StopReason::SinkStop,
+                "vCPU {i} stopped unexpectedly: {r}"
+            );
         }
     }
 }
@@ -55,7 +59,13 @@ fn capture_restore_equivalence(vcpus: u32, instants: usize, seed: u64) {
         let tsc_before: Vec<u64> = state
             .vcpus
             .iter()
-            .map(|v| v.msrs.iter().find(|m| m.index == 0x10).map(|m| m.data).unwrap_or(0))
+            .map(|v| {
+                v.msrs
+                    .iter()
+                    .find(|m| m.index == 0x10)
+                    .map(|m| m.data)
+                    .unwrap_or(0)
+            })
             .collect();
 
         let rec_b = Arc::new(Recorder::new());
@@ -66,14 +76,22 @@ fn capture_restore_equivalence(vcpus: u32, instants: usize, seed: u64) {
         // The restored guest's clock does not run backwards.
         let state_b = b.capture_state().expect("capture B");
         for (i, v) in state_b.vcpus.iter().enumerate() {
-            let tsc = v.msrs.iter().find(|m| m.index == 0x10).map(|m| m.data).unwrap_or(0);
+            let tsc = v
+                .msrs
+                .iter()
+                .find(|m| m.index == 0x10)
+                .map(|m| m.data)
+                .unwrap_or(0);
             assert!(
                 tsc >= tsc_before[i],
                 "round {round}: vCPU {i} TSC went backwards: {tsc} < {}",
                 tsc_before[i]
             );
         }
-        assert!(state_b.vm.clock.clock >= state.vm.clock.clock, "kvmclock went backwards");
+        assert!(
+            state_b.vm.clock.clock >= state.vm.clock.clock,
+            "kvmclock went backwards"
+        );
 
         let mut starts = Vec::new();
         for v in 0..vcpus {
@@ -84,8 +102,14 @@ fn capture_restore_equivalence(vcpus: u32, instants: usize, seed: u64) {
         }
         a.resume();
         b.resume();
-        assert!(rec_a.wait_stopped(vcpus as usize, Duration::from_secs(60)), "A never reached its limit");
-        assert!(rec_b.wait_stopped(vcpus as usize, Duration::from_secs(60)), "B never reached its limit");
+        assert!(
+            rec_a.wait_stopped(vcpus as usize, Duration::from_secs(60)),
+            "A never reached its limit"
+        );
+        assert!(
+            rec_b.wait_stopped(vcpus as usize, Duration::from_secs(60)),
+            "B never reached its limit"
+        );
         a.pause();
         b.pause();
         no_vcpu_failed(&a);
@@ -97,7 +121,12 @@ fn capture_restore_equivalence(vcpus: u32, instants: usize, seed: u64) {
                 .filter(|r| r.seq > starts[v as usize])
                 .collect();
             let after_b = rec_b.records_of(v);
-            assert_eq!(after_a.len(), 1000, "round {round}: A vCPU {v} emitted {}", after_a.len());
+            assert_eq!(
+                after_a.len(),
+                1000,
+                "round {round}: A vCPU {v} emitted {}",
+                after_a.len()
+            );
             assert_eq!(
                 after_a, after_b,
                 "round {round}: vCPU {v}: the restored VM's records differ from the original's"
@@ -127,7 +156,14 @@ fn pause_resume_cycles_lose_nothing() {
     require_kvm();
     for vcpus in [1, 2] {
         let rec = Arc::new(Recorder::new());
-        let vm = Vm::new(&VmConfig { vcpus, mem_bytes: MEM }, rec.clone()).unwrap();
+        let vm = Vm::new(
+            &VmConfig {
+                vcpus,
+                mem_bytes: MEM,
+            },
+            rec.clone(),
+        )
+        .unwrap();
         let every = 32;
         vm.boot(&dirtier(every, 0)).unwrap();
         vm.resume();
@@ -137,7 +173,11 @@ fn pause_resume_cycles_lose_nothing() {
             vm.pause();
             assert!(vm.is_paused());
             for s in vm.vcpu_states() {
-                assert_eq!(s, VcpuRunState::Paused, "a vCPU is not paused after pause()");
+                assert_eq!(
+                    s,
+                    VcpuRunState::Paused,
+                    "a vCPU is not paused after pause()"
+                );
             }
             vm.resume();
         }
@@ -157,19 +197,40 @@ fn pause_resume_cycles_lose_nothing() {
 fn restore_into_other_shape_fails() {
     require_kvm();
     let sink = Arc::new(Recorder::new());
-    let a = Vm::new(&VmConfig { vcpus: 2, mem_bytes: MEM }, sink.clone()).unwrap();
+    let a = Vm::new(
+        &VmConfig {
+            vcpus: 2,
+            mem_bytes: MEM,
+        },
+        sink.clone(),
+    )
+    .unwrap();
     a.boot(&dirtier(64, 0)).unwrap();
     a.resume();
     std::thread::sleep(Duration::from_millis(5));
     a.pause();
     let state = a.capture_state().unwrap();
 
-    let fewer = Vm::new(&VmConfig { vcpus: 1, mem_bytes: MEM }, sink.clone()).unwrap();
+    let fewer = Vm::new(
+        &VmConfig {
+            vcpus: 1,
+            mem_bytes: MEM,
+        },
+        sink.clone(),
+    )
+    .unwrap();
     let err = fewer.restore_state(&state).unwrap_err();
     assert!(matches!(err, Error::StateMismatch(_)), "{err}");
     assert!(err.to_string().contains("2 vCPUs"), "{err}");
 
-    let bigger = Vm::new(&VmConfig { vcpus: 2, mem_bytes: 2 * MEM }, sink).unwrap();
+    let bigger = Vm::new(
+        &VmConfig {
+            vcpus: 2,
+            mem_bytes: 2 * MEM,
+        },
+        sink,
+    )
+    .unwrap();
     let err = bigger.restore_state(&state).unwrap_err();
     assert!(matches!(err, Error::StateMismatch(_)), "{err}");
     assert!(err.to_string().contains("memory layout"), "{err}");
@@ -179,7 +240,14 @@ fn restore_into_other_shape_fails() {
 #[test]
 fn state_is_plain_serde_data() {
     require_kvm();
-    let a = Vm::new(&VmConfig { vcpus: 1, mem_bytes: MEM }, Arc::new(Recorder::new())).unwrap();
+    let a = Vm::new(
+        &VmConfig {
+            vcpus: 1,
+            mem_bytes: MEM,
+        },
+        Arc::new(Recorder::new()),
+    )
+    .unwrap();
     a.boot(&dirtier(64, 0)).unwrap();
     a.resume();
     std::thread::sleep(Duration::from_millis(5));
@@ -194,8 +262,24 @@ fn state_is_plain_serde_data() {
 #[test]
 fn invalid_shapes_are_explained() {
     let sink = Arc::new(Recorder::new());
-    let e = Vm::new(&VmConfig { vcpus: 0, mem_bytes: MEM }, sink.clone()).err().unwrap();
+    let e = Vm::new(
+        &VmConfig {
+            vcpus: 0,
+            mem_bytes: MEM,
+        },
+        sink.clone(),
+    )
+    .err()
+    .unwrap();
     assert!(e.to_string().contains("use 1 to 8"), "{e}");
-    let e = Vm::new(&VmConfig { vcpus: 1, mem_bytes: 8 << 20 }, sink).err().unwrap();
+    let e = Vm::new(
+        &VmConfig {
+            vcpus: 1,
+            mem_bytes: 8 << 20,
+        },
+        sink,
+    )
+    .err()
+    .unwrap();
     assert!(e.to_string().contains("16M to 16G"), "{e}");
 }

@@ -117,7 +117,7 @@ impl DirtierParams {
                 "working set of {ws} bytes gives each of {vcpus} vCPUs less than one page"
             )));
         }
-        if self.bytes_per_page < 8 || self.bytes_per_page > 4096 || self.bytes_per_page % 8 != 0 {
+        if self.bytes_per_page < 8 || self.bytes_per_page > 4096 || !self.bytes_per_page.is_multiple_of(8) {
             return Err(Error::InvalidConfig(format!(
                 "bytes per page {} is invalid: use a multiple of 8 from 8 to 4096",
                 self.bytes_per_page

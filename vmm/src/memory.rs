@@ -31,7 +31,7 @@ pub fn create(size: u64) -> Result<GuestMemoryMmap> {
             size >> 20
         )));
     }
-    if size % (2 << 20) != 0 {
+    if !size.is_multiple_of(2 << 20) {
         return Err(Error::InvalidConfig(format!(
             "memory size {size} bytes is not a multiple of 2 MiB"
         )));

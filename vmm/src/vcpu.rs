@@ -33,7 +33,7 @@ pub(crate) fn install_kick_handler() -> std::io::Result<()> {
         vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler)
             .map_err(|e| e.errno())
     })
-    .map_err(|e| std::io::Error::from_raw_os_error(e))
+    .map_err(std::io::Error::from_raw_os_error)
 }
 
 /// Pointer to a vCPU's `kvm_run.immediate_exit`, written by the controller.

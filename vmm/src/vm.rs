@@ -53,7 +53,7 @@ impl VmConfig {
                 self.mem_bytes >> 20
             )));
         }
-        if self.mem_bytes % (2 << 20) != 0 {
+        if !self.mem_bytes.is_multiple_of(2 << 20) {
             return Err(Error::InvalidConfig(format!(
                 "memory of {} bytes is not a multiple of 2 MiB",
                 self.mem_bytes

@@ -280,6 +280,16 @@ pub const MAILBOX_OFFSET: u64 = 0;
 /// Byte offset of [`VcpuPage::text`] in the control page.
 pub const TEXT_OFFSET: u64 = Record::SIZE as u64;
 
+// The layout's regions must not overlap; checked when the crate compiles.
+const _: () = {
+    assert!(layout::vcpu_stack_top(layout::MAX_VCPUS - 1) <= layout::WORKLOAD_ADDR);
+    assert!(layout::PD_ADDR + layout::MAPPED_GIB * 4096 <= layout::IMAGE_ADDR);
+    assert!(layout::IMAGE_ADDR + layout::IMAGE_MAX <= layout::VCPU_AREA_ADDR);
+    assert!(core::mem::size_of::<VcpuPage>() <= layout::PAGE_SIZE as usize);
+    assert!(layout::MMIO_BASE >= 16 << 30); // above the largest RAM
+    assert!(layout::MMIO_BASE + (1 << 30) <= layout::MAPPED_GIB << 30);
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,9 +311,6 @@ mod tests {
     fn layout_fits() {
         assert_eq!(core::mem::size_of::<Record>(), Record::SIZE);
         assert!(core::mem::size_of::<VcpuPage>() <= layout::PAGE_SIZE as usize);
-        assert!(layout::vcpu_stack_top(layout::MAX_VCPUS - 1) <= layout::WORKLOAD_ADDR);
-        assert!(layout::PD_ADDR + layout::MAPPED_GIB * 4096 <= layout::IMAGE_ADDR);
-        assert!(layout::IMAGE_ADDR + layout::IMAGE_MAX <= layout::VCPU_AREA_ADDR);
         assert!(core::mem::offset_of!(VcpuPage, text) as u64 == TEXT_OFFSET);
         assert_eq!(BootInfo::SIZE, 88);
         assert_eq!(core::mem::offset_of!(BootInfo, dirtier), 40);
