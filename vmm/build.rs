@@ -10,7 +10,8 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest_dir =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let guest_dir = manifest_dir.join("../guest/image");
     let abi_dir = manifest_dir.join("../guest/abi");
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
@@ -22,7 +23,10 @@ fn main() {
         println!("cargo:rerun-if-changed={}", guest_dir.join(p).display());
     }
     println!("cargo:rerun-if-changed={}", abi_dir.join("src").display());
-    println!("cargo:rerun-if-changed={}", abi_dir.join("Cargo.toml").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        abi_dir.join("Cargo.toml").display()
+    );
 
     let linker_script = guest_dir.join("linker.ld");
     let flags = [
@@ -55,7 +59,9 @@ fn main() {
     ] {
         cmd.env_remove(var);
     }
-    let status = cmd.status().expect("failed to run cargo for the guest image");
+    let status = cmd
+        .status()
+        .expect("failed to run cargo for the guest image");
     if !status.success() {
         panic!("building the built-in guest (guest/image) failed: {status}");
     }

@@ -1,6 +1,8 @@
 //! `castor-bench`: one subcommand per benchmark. Each prints a table, or with
 //! `--json` one JSON object per result row.
 
+mod harvest;
+mod net;
 mod pause;
 mod report;
 
@@ -23,6 +25,10 @@ struct Cli {
 enum Bench {
     /// Pause latency: pause() call to every vCPU out of KVM_RUN, under load.
     Pause(pause::Args),
+    /// Dirty-page harvest cost per backend, guest size and dirty pages per epoch.
+    Harvest(harvest::Args),
+    /// Guest TCP over virtio-net + tap: stream throughput and echo latency.
+    Net(net::Args),
 }
 
 fn main() {
@@ -30,6 +36,8 @@ fn main() {
     let out = report::Output::new(cli.json);
     let result = match cli.bench {
         Bench::Pause(a) => pause::run(&a, &out),
+        Bench::Harvest(a) => harvest::run(&a, &out),
+        Bench::Net(a) => net::run(&a, &out),
     };
     if let Err(e) = result {
         eprintln!("castor-bench: {e}");

@@ -27,6 +27,7 @@ pub fn run(args: &Args, out: &Output) -> Result<(), String> {
             &VmConfig {
                 vcpus,
                 mem_bytes: 256 << 20,
+                ..VmConfig::default()
             },
             Arc::new(NullSink),
         )

@@ -1,6 +1,7 @@
 //! `castor`: the one user-facing binary. Each subcommand is a thin layer over
 //! the library crates (vmm, replicator, primary, backup).
 
+mod daemons;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -20,6 +21,12 @@ struct Cli {
 enum Command {
     /// Run a guest on this host, unprotected, with live progress.
     Run(run::RunArgs),
+    /// Run the protected guest and replicate it to a backup.
+    Primary(daemons::ConfigArg),
+    /// Hold a hot replica of a primary's guest; take over when it dies.
+    Backup(daemons::ConfigArg),
+    /// Write a TLS key pair (NAME.crt, NAME.key) for one host.
+    Keygen(daemons::KeygenArgs),
 }
 
 fn main() {
@@ -28,7 +35,10 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(a) => run::run(&a),
+        Command::Run(a) => run::run(&a).map_err(|e| e.to_string()),
+        Command::Primary(a) => daemons::primary(&a),
+        Command::Backup(a) => daemons::backup(&a),
+        Command::Keygen(a) => daemons::keygen(&a),
     };
     if let Err(e) = result {
         eprintln!("castor: error: {e}");

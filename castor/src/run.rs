@@ -1,9 +1,11 @@
 //! `castor run`: boots the built-in guest and reports its progress.
 
+use castor_vmm::devices::{BlkConfig, DeviceError, NetConfig, Tap, VirtioBlk, VirtioNet};
 use castor_vmm::{
-    parse_size, DirtierParams, Emit, GuestBoot, OutputSink, Pattern, Record, VcpuRunState, Vm,
-    VmConfig, Workload,
+    parse_size, DirtierParams, DirtyTracking, Emit, GuestBoot, OutputSink, Pattern, Record,
+    VcpuRunState, Vm, VmConfig, Workload,
 };
+use castor_vmm::{DiskParams, NetParams, StopReason};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +33,10 @@ pub enum RunError {
 pub enum GuestKind {
     /// The memory dirtier.
     Dirtier,
+    /// TCP counter (--port) and echo (--port + 1) services on virtio-net (needs --tap).
+    Net,
+    /// Writes numbered blocks to virtio-blk and reads them back (needs --disk).
+    Disk,
 }
 
 #[derive(clap::Args, Debug)]
@@ -62,9 +68,41 @@ pub struct RunArgs {
     /// Seed of the workload.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Tap interface for virtio-net (net guest).
+    #[arg(long)]
+    pub tap: Option<String>,
+    /// Create the tap if needed and bring it up (needs CAP_NET_ADMIN).
+    #[arg(long)]
+    pub tap_create: bool,
+    /// With --tap-create: the host side's address on the tap, e.g. 10.0.0.1/24.
+    #[arg(long)]
+    pub host_ip: Option<String>,
+    /// The guest's IPv4 address and prefix (net guest).
+    #[arg(long, default_value = "10.0.0.2/24")]
+    pub ip: String,
+    /// The guest's MAC address.
+    #[arg(long, default_value = "02:ca:57:00:00:02")]
+    pub mac: String,
+    /// Port of the counter service (echo on port + 1).
+    #[arg(long, default_value_t = 7000)]
+    pub port: u16,
+    /// Counter numbers per second per client; 0 = as fast as TCP takes them.
+    #[arg(long, default_value_t = 1000)]
+    pub rate: u64,
+    /// Raw disk image for virtio-blk.
+    #[arg(long)]
+    pub disk: Option<std::path::PathBuf>,
+    /// Blocks (4 KiB) the disk guest writes and reads back.
+    #[arg(long, default_value_t = 256)]
+    pub disk_blocks: u64,
     /// How long to run, in seconds.
     #[arg(long, default_value_t = 5.0)]
     pub seconds: f64,
+    /// Dirty tracking: none, bitmap (KVM dirty bitmap, manual protect), ring
+    /// (KVM dirty ring) or auto (the ring where KVM offers it, else the
+    /// bitmap). With tracking on, the pages dirtied each second are reported.
+    #[arg(long, default_value = "none")]
+    pub dirty_tracking: String,
 }
 
 struct Progress {
@@ -82,6 +120,94 @@ impl OutputSink for Progress {
     }
 }
 
+fn parse_cidr(v: &str) -> Result<([u8; 4], u8), RunError> {
+    let bad = || {
+        RunError::BadArgument(format!(
+            "--ip {v:?}: use an IPv4 address with a prefix, e.g. 10.0.0.2/24"
+        ))
+    };
+    let (addr, prefix) = v.split_once('/').ok_or_else(bad)?;
+    let addr: std::net::Ipv4Addr = addr.parse().map_err(|_| bad())?;
+    let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+    if prefix == 0 || prefix > 30 {
+        return Err(bad());
+    }
+    Ok((addr.octets(), prefix))
+}
+
+fn parse_mac(v: &str) -> Result<[u8; 6], RunError> {
+    let bad = || {
+        RunError::BadArgument(format!(
+            "--mac {v:?}: use six hex bytes, e.g. 02:ca:57:00:00:02"
+        ))
+    };
+    let mut mac = [0u8; 6];
+    let parts: Vec<&str> = v.split(':').collect();
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    Ok(mac)
+}
+
+/// Puts the virtio devices the arguments ask for on the VM's bus.
+fn attach_devices(vm: &Vm, a: &RunArgs) -> Result<(), RunError> {
+    let dev = |e: DeviceError| RunError::BadArgument(e.to_string());
+    if let Some(path) = &a.disk {
+        let blk = VirtioBlk::open(&BlkConfig {
+            path: path.clone(),
+            read_only: false,
+        })
+        .map_err(dev)?;
+        println!(
+            "castor run: virtio-blk on {} ({} sectors)",
+            path.display(),
+            blk.capacity_sectors()
+        );
+        vm.devices().add_virtio_blk(blk).map_err(dev)?;
+    }
+    if let Some(name) = &a.tap {
+        let exists = std::path::Path::new("/sys/class/net").join(name).exists();
+        if !exists && !a.tap_create {
+            return Err(RunError::BadArgument(format!(
+                "tap {name:?} does not exist: pass --tap-create, or create it with `ip tuntap add {name} mode tap`"
+            )));
+        }
+        let tap = Tap::open(name).map_err(|e| dev(e.into()))?;
+        if a.tap_create {
+            tap.set_up().map_err(|e| dev(e.into()))?;
+            if let Some(host) = &a.host_ip {
+                let out = std::process::Command::new("ip")
+                    .args(["addr", "replace", host, "dev", tap.name()])
+                    .output()
+                    .map_err(|e| RunError::BadArgument(format!("running `ip addr`: {e}")))?;
+                if !out.status.success() {
+                    return Err(RunError::BadArgument(format!(
+                        "ip addr replace {host} dev {}: {}",
+                        tap.name(),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )));
+                }
+            }
+        }
+        let net = VirtioNet::new(NetConfig {
+            tap: Arc::new(tap),
+            mac: parse_mac(&a.mac)?,
+            tx_sink: None,
+        });
+        println!(
+            "castor run: virtio-net on tap {name}, guest {} port {} (echo {})",
+            a.ip,
+            a.port,
+            a.port as u32 + 1
+        );
+        vm.devices().add_virtio_net(net).map_err(dev)?;
+    }
+    Ok(())
+}
+
 fn size_arg(name: &str, v: &str) -> Result<u64, RunError> {
     parse_size(v).map_err(|e| RunError::BadArgument(format!("--{name}: {e}")))
 }
@@ -89,9 +215,15 @@ fn size_arg(name: &str, v: &str) -> Result<u64, RunError> {
 /// Parses the arguments into a VM shape and a boot description.
 pub fn plan(a: &RunArgs) -> Result<(VmConfig, GuestBoot), RunError> {
     let mem_bytes = size_arg("mem", &a.mem)?;
+    let dirty_tracking: DirtyTracking = a
+        .dirty_tracking
+        .parse()
+        .map_err(|e| RunError::BadArgument(format!("--dirty-tracking: {e}")))?;
     let config = VmConfig {
         vcpus: a.vcpus,
         mem_bytes,
+        dirty_tracking,
+        ..VmConfig::default()
     };
     config.validate()?;
     if !(a.seconds > 0.0 && a.seconds.is_finite()) {
@@ -115,6 +247,30 @@ pub fn plan(a: &RunArgs) -> Result<(VmConfig, GuestBoot), RunError> {
     params.to_abi(config.vcpus, config.mem_bytes)?;
     let workload = match a.guest {
         GuestKind::Dirtier => Workload::Dirtier(params),
+        GuestKind::Net => {
+            if a.tap.is_none() {
+                return Err(RunError::BadArgument("--guest net needs --tap NAME".into()));
+            }
+            let (ip, prefix_len) = parse_cidr(&a.ip)?;
+            Workload::Net(NetParams {
+                ip,
+                prefix_len,
+                gateway: None,
+                mac: parse_mac(&a.mac)?,
+                port: a.port,
+                rate: a.rate,
+            })
+        }
+        GuestKind::Disk => {
+            if a.disk.is_none() {
+                return Err(RunError::BadArgument(
+                    "--guest disk needs --disk IMAGE".into(),
+                ));
+            }
+            Workload::Disk(DiskParams {
+                blocks: a.disk_blocks,
+            })
+        }
     };
     Ok((
         config,
@@ -132,7 +288,12 @@ pub fn run(a: &RunArgs) -> Result<(), RunError> {
         iterations: (0..config.vcpus).map(|_| AtomicU64::new(0)).collect(),
     });
     let vm = Vm::new(&config, progress.clone())?;
+    attach_devices(&vm, a)?;
     vm.boot(&boot)?;
+    if let Some(b) = vm.dirty_backend() {
+        println!("castor run: dirty tracking with the {b} backend");
+        vm.start_dirty_tracking()?;
+    }
     println!(
         "castor run: {} vCPU(s), {} MiB, guest {:?}, dirty rate {}, pattern {}",
         config.vcpus,
@@ -162,8 +323,27 @@ pub fn run(a: &RunArgs) -> Result<(), RunError> {
             (it - last_iter) as f64 * 4096.0 / dt / (1 << 20) as f64
         );
         (last_t, last_rec, last_iter) = (now, rec, it);
+        if vm.dirty_backend().is_some() {
+            vm.pause();
+            let t = Instant::now();
+            let dirty = vm.harvest_dirty()?;
+            let took = t.elapsed();
+            vm.resume();
+            println!(
+                "         dirty pages since last report {:>9}   harvest {:>7.1} us",
+                dirty.count(),
+                took.as_secs_f64() * 1e6
+            );
+        }
         for (i, s) in vm.vcpu_states().iter().enumerate() {
             if let VcpuRunState::Stopped(r) = s {
+                if *r == StopReason::GuestDone && a.guest != GuestKind::Dirtier {
+                    if i == 0 {
+                        println!("castor run: the {:?} workload finished", a.guest);
+                        return Ok(());
+                    }
+                    continue;
+                }
                 return Err(RunError::VcpuStopped {
                     vcpu: i,
                     reason: r.to_string(),

@@ -134,14 +134,11 @@ pub enum CodecError {
 /// True if every byte of `page` is zero (OR-folds 8-byte words, 256 bytes at a time).
 pub fn is_zero_page(page: &Page) -> bool {
     page.chunks_exact(256).all(|block| {
-        block
-            .chunks_exact(8)
-            .fold(0u64, |acc, w| {
-                let mut a = [0u8; 8];
-                a.copy_from_slice(w);
-                acc | u64::from_ne_bytes(a)
-            })
-            == 0
+        block.chunks_exact(8).fold(0u64, |acc, w| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(w);
+            acc | u64::from_ne_bytes(a)
+        }) == 0
     })
 }
 
@@ -158,6 +155,13 @@ fn xor_in_place(dst: &mut Page, src: &Page) {
     }
 }
 
+/// LZ4-compresses a page into `out` (sized for the worst case); `Some(len)`
+/// only if that saves space.
+fn compress_page(page: &Page, out: &mut [u8]) -> Option<usize> {
+    let n = lz4_flex::block::compress_into(page, out).ok()?;
+    (n < PAGE_SIZE).then_some(n)
+}
+
 fn zeroed_page() -> Box<Page> {
     Box::new([0u8; PAGE_SIZE])
 }
@@ -165,6 +169,36 @@ fn zeroed_page() -> Box<Page> {
 // ---------------------------------------------------------------------------
 // Sent-page cache
 // ---------------------------------------------------------------------------
+
+/// Hasher for page-number keys: one multiply-xorshift round (page numbers
+/// are not attacker-chosen on the primary).
+#[derive(Debug, Default, Clone, Copy)]
+struct BuildPageHasher;
+
+#[derive(Debug, Default)]
+struct PageHasher(u64);
+
+impl std::hash::BuildHasher for BuildPageHasher {
+    type Hasher = PageHasher;
+    fn build_hasher(&self) -> PageHasher {
+        PageHasher(0)
+    }
+}
+
+impl std::hash::Hasher for PageHasher {
+    fn finish(&self) -> u64 {
+        let z = self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        z ^ (z >> 29)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 ^= v;
+    }
+}
 
 #[derive(Debug)]
 struct Slot {
@@ -180,7 +214,7 @@ struct Slot {
 #[derive(Debug)]
 pub struct SentCache {
     capacity: usize,
-    index: HashMap<u64, usize>,
+    index: HashMap<u64, usize, BuildPageHasher>,
     slots: Vec<Slot>,
     free: Vec<usize>,
     hand: usize,
@@ -191,7 +225,7 @@ impl SentCache {
     pub fn with_capacity_pages(pages: usize) -> Self {
         SentCache {
             capacity: pages,
-            index: HashMap::new(),
+            index: HashMap::default(),
             slots: Vec::new(),
             free: Vec::new(),
             hand: 0,
@@ -231,10 +265,22 @@ impl SentCache {
         Some(&slot.data)
     }
 
+    /// Mutable cached copy, marking it recently used.
+    fn get_mut(&mut self, page_number: u64) -> Option<&mut Page> {
+        let i = *self.index.get(&page_number)?;
+        let slot = self.slots.get_mut(i)?;
+        slot.referenced = true;
+        Some(&mut slot.data)
+    }
+
     /// Stores `data` as the last sent copy of `page_number`, evicting another
     /// page if the cache is full.
     pub fn insert(&mut self, page_number: u64, data: &Page) {
-        if let Some(slot) = self.index.get(&page_number).and_then(|&i| self.slots.get_mut(i)) {
+        if let Some(slot) = self
+            .index
+            .get(&page_number)
+            .and_then(|&i| self.slots.get_mut(i))
+        {
             slot.data.copy_from_slice(data);
             slot.referenced = true;
             return;
@@ -373,29 +419,38 @@ impl PageEncoder {
     }
 
     fn encode_inner(&mut self, page_number: u64, page: &Page, out: &mut Vec<u8>) -> PageTag {
-        if let Some(base) = self.cache.get(page_number) {
-            if base == page {
+        if let Some(base) = self.cache.get_mut(page_number) {
+            xor_pages(page, base, &mut self.scratch);
+            if is_zero_page(&self.scratch) {
                 return PageTag::Unchanged;
             }
-            xor_pages(page, base, &mut self.scratch);
             if is_zero_page(page) {
                 self.cache.remove(page_number);
                 return PageTag::Zero;
             }
-            if let Some(n) = self.compress_scratch() {
-                out.extend_from_slice(&self.lz4_out[..n]);
-                self.cache.insert(page_number, page);
-                return PageTag::XorLz4;
-            }
-            out.extend_from_slice(page);
-            self.cache.insert(page_number, page);
-            return PageTag::Raw;
+            let tag = match compress_page(&self.scratch, &mut self.lz4_out) {
+                Some(n) => {
+                    out.extend_from_slice(&self.lz4_out[..n]);
+                    PageTag::XorLz4
+                }
+                None => {
+                    out.extend_from_slice(page);
+                    PageTag::Raw
+                }
+            };
+            base.copy_from_slice(page);
+            return tag;
         }
         if is_zero_page(page) {
             // The backup's page becomes zero; nothing worth caching.
             return PageTag::Zero;
         }
-        let tag = match self.compress_uncached.then(|| self.compress(page)).flatten() {
+        let compressed = if self.compress_uncached {
+            compress_page(page, &mut self.lz4_out)
+        } else {
+            None
+        };
+        let tag = match compressed {
             Some(n) => {
                 out.extend_from_slice(&self.lz4_out[..n]);
                 PageTag::Lz4
@@ -407,16 +462,6 @@ impl PageEncoder {
         };
         self.cache.insert(page_number, page);
         tag
-    }
-
-    fn compress_scratch(&mut self) -> Option<usize> {
-        let n = lz4_flex::block::compress_into(&self.scratch[..], &mut self.lz4_out).ok()?;
-        (n < PAGE_SIZE).then_some(n)
-    }
-
-    fn compress(&mut self, page: &Page) -> Option<usize> {
-        let n = lz4_flex::block::compress_into(page, &mut self.lz4_out).ok()?;
-        (n < PAGE_SIZE).then_some(n)
     }
 
     /// Forgets the cached copy of one page (e.g. it was not delivered).

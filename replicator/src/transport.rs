@@ -288,7 +288,10 @@ impl Identity {
     }
 
     /// Reads PEM certificate and key files.
-    pub fn load(cert_path: impl AsRef<Path>, key_path: impl AsRef<Path>) -> Result<Self, TransportError> {
+    pub fn load(
+        cert_path: impl AsRef<Path>,
+        key_path: impl AsRef<Path>,
+    ) -> Result<Self, TransportError> {
         let cert = read_file(cert_path.as_ref(), "reading certificate")?;
         let key = read_file(key_path.as_ref(), "reading private key")?;
         Self::from_pem(&cert, &key)
@@ -316,7 +319,9 @@ pub struct PeerCert {
 
 impl fmt::Debug for PeerCert {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("PeerCert").field(&self.fingerprint()).finish()
+        f.debug_tuple("PeerCert")
+            .field(&self.fingerprint())
+            .finish()
     }
 }
 
@@ -434,7 +439,9 @@ impl ServerCertVerifier for PinnedServerVerifier {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.0.check(end_entity).map(|()| ServerCertVerified::assertion())
+        self.0
+            .check(end_entity)
+            .map(|()| ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -474,7 +481,9 @@ impl ClientCertVerifier for PinnedClientVerifier {
         _intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.0.check(end_entity).map(|()| ClientCertVerified::assertion())
+        self.0
+            .check(end_entity)
+            .map(|()| ClientCertVerified::assertion())
     }
 
     fn client_auth_mandatory(&self) -> bool {
@@ -580,7 +589,8 @@ impl TransportConfig {
     /// Bandwidth-delay product in bytes.
     pub fn bdp_bytes(&self) -> u64 {
         let bytes_per_sec = self.bandwidth_bits_per_sec / 8;
-        (u128::from(bytes_per_sec) * self.rtt.as_nanos() / 1_000_000_000).min(u64::MAX.into()) as u64
+        (u128::from(bytes_per_sec) * self.rtt.as_nanos() / 1_000_000_000).min(u64::MAX.into())
+            as u64
     }
 
     /// Per-stream receive window in bytes.
@@ -620,7 +630,8 @@ impl TransportConfig {
 fn udp_socket(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket, TransportError> {
     use socket2::{Domain, Protocol, Socket, Type};
     let err = |source| TransportError::Socket { addr, source };
-    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
+    let sock =
+        Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
     if let Err(e) = sock.set_recv_buffer_size(buffer) {
         log::warn!("cannot set SO_RCVBUF to {buffer} on {addr}: {e}");
     }
@@ -695,9 +706,16 @@ impl Listener {
     /// Waits for the next connection and completes its handshake. A peer
     /// with the wrong certificate gives an error (the listener stays usable).
     pub async fn accept(&self) -> Result<Connection, TransportError> {
-        let incoming = self.endpoint.accept().await.ok_or(TransportError::EndpointClosed)?;
+        let incoming = self
+            .endpoint
+            .accept()
+            .await
+            .ok_or(TransportError::EndpointClosed)?;
         let conn = incoming.await?;
-        log::info!("accepted replication connection from {}", conn.remote_address());
+        log::info!(
+            "accepted replication connection from {}",
+            conn.remote_address()
+        );
         Ok(Connection {
             conn,
             _endpoint: None,
@@ -759,13 +777,19 @@ impl Connection {
     /// sees the stream only then).
     pub async fn open_control(&self) -> Result<(FrameSender, FrameReceiver), TransportError> {
         let (s, r) = self.conn.open_bi().await?;
-        Ok((FrameSender::new(s), FrameReceiver::new(r, self.limits.clone())))
+        Ok((
+            FrameSender::new(s),
+            FrameReceiver::new(r, self.limits.clone()),
+        ))
     }
 
     /// Accepts the peer's control stream.
     pub async fn accept_control(&self) -> Result<(FrameSender, FrameReceiver), TransportError> {
         let (s, r) = self.conn.accept_bi().await?;
-        Ok((FrameSender::new(s), FrameReceiver::new(r, self.limits.clone())))
+        Ok((
+            FrameSender::new(s),
+            FrameReceiver::new(r, self.limits.clone()),
+        ))
     }
 
     /// Opens a unidirectional data stream.

@@ -79,10 +79,10 @@
 //! assert_eq!(used, buf.len());
 //! assert_eq!(decoded.to_owned(), frame);
 //!
-//! // A short buffer says how much more is needed.
+//! // A short buffer says how much more is needed (here: the last 8 bytes).
 //! assert_eq!(
-//!     wire::decode(&buf[..10], &Limits::default()).unwrap_err(),
-//!     wire::WireError::Incomplete { needed: buf.len() - 10 },
+//!     wire::decode(&buf[..40], &Limits::default()).unwrap_err(),
+//!     wire::WireError::Incomplete { needed: 8 },
 //! );
 //! ```
 
@@ -651,11 +651,7 @@ fn end_frame(
     Ok(header)
 }
 
-fn put_u8_str(
-    buf: &mut Vec<u8>,
-    s: &str,
-    what: &'static str,
-) -> Result<(), WireError> {
+fn put_u8_str(buf: &mut Vec<u8>, s: &str, what: &'static str) -> Result<(), WireError> {
     let len = u8::try_from(s.len()).map_err(|_| WireError::StringTooLong {
         what,
         len: s.len(),
@@ -698,13 +694,12 @@ impl Frame {
     fn encode_payload(&self, buf: &mut Vec<u8>) -> Result<(), WireError> {
         match &self.body {
             Body::Hello(h) => {
-                let tracker_len = u8::try_from(h.tracker.len()).map_err(|_| {
-                    WireError::StringTooLong {
+                let tracker_len =
+                    u8::try_from(h.tracker.len()).map_err(|_| WireError::StringTooLong {
                         what: "tracker name",
                         len: h.tracker.len(),
                         cap: u8::MAX.into(),
-                    }
-                })?;
+                    })?;
                 let regions = count_u32(h.memory_regions.len(), "memory regions")?;
                 buf.extend_from_slice(&h.protocol_version.to_le_bytes());
                 buf.push(h.role.to_u8());
@@ -724,10 +719,11 @@ impl Frame {
                 let count = count_u32(b.pages.len(), "page batch")?;
                 buf.extend_from_slice(&count.to_le_bytes());
                 for p in &b.pages {
-                    let len = u16::try_from(p.data.len()).map_err(|_| WireError::PayloadTooLarge {
-                        len: p.data.len() as u64,
-                        cap: u16::MAX.into(),
-                    })?;
+                    let len =
+                        u16::try_from(p.data.len()).map_err(|_| WireError::PayloadTooLarge {
+                            len: p.data.len() as u64,
+                            cap: u16::MAX.into(),
+                        })?;
                     buf.extend_from_slice(&p.page_number.to_le_bytes());
                     buf.push(p.tag);
                     buf.extend_from_slice(&len.to_le_bytes());
@@ -905,8 +901,14 @@ impl<'a> Cursor<'a> {
     }
 
     fn bytes(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], WireError> {
-        let end = self.pos.checked_add(n).ok_or(WireError::Malformed { what })?;
-        let s = self.buf.get(self.pos..end).ok_or(WireError::Malformed { what })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .ok_or(WireError::Malformed { what })?;
+        let s = self
+            .buf
+            .get(self.pos..end)
+            .ok_or(WireError::Malformed { what })?;
         self.pos = end;
         Ok(s)
     }

@@ -143,7 +143,10 @@ fn clock_eviction() {
     assert_eq!(c.len(), 1);
 
     // Byte capacity rounds down; zero capacity caches nothing.
-    assert_eq!(SentCache::with_capacity_bytes(3 * PAGE_SIZE + 5).capacity_pages(), 3);
+    assert_eq!(
+        SentCache::with_capacity_bytes(3 * PAGE_SIZE + 5).capacity_pages(),
+        3
+    );
     let mut none = SentCache::with_capacity_pages(0);
     none.insert(1, &p);
     assert!(none.is_empty());
@@ -208,8 +211,16 @@ fn replica_tracks_primary_over_many_epochs() {
         }
     }
     let s = e.stats();
-    for tag in [PageTag::Zero, PageTag::Raw, PageTag::XorLz4, PageTag::Unchanged] {
-        assert!(s.pages_by_tag[tag as usize] > 0, "{tag:?} never used: {s:?}");
+    for tag in [
+        PageTag::Zero,
+        PageTag::Raw,
+        PageTag::XorLz4,
+        PageTag::Unchanged,
+    ] {
+        assert!(
+            s.pages_by_tag[tag as usize] > 0,
+            "{tag:?} never used: {s:?}"
+        );
     }
 }
 
@@ -303,19 +314,22 @@ fn encode_throughput() {
     for (i, p) in pages.iter().enumerate() {
         e.encode_page(i as u64, p, &mut out);
     }
-    for p in pages.iter_mut() {
-        let at = r.gen_range(0..PAGE_SIZE - 64);
-        r.fill_bytes(&mut p[at..at + 64]);
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        for p in pages.iter_mut() {
+            let at = r.gen_range(0..PAGE_SIZE - 64);
+            r.fill_bytes(&mut p[at..at + 64]);
+        }
+        out.clear();
+        let t = std::time::Instant::now();
+        for (i, p) in pages.iter().enumerate() {
+            e.encode_page(i as u64, p, &mut out);
+        }
+        best = best.min(t.elapsed().as_secs_f64());
     }
-    out.clear();
-    let t = std::time::Instant::now();
-    for (i, p) in pages.iter().enumerate() {
-        e.encode_page(i as u64, p, &mut out);
-    }
-    let dt = t.elapsed();
     println!(
-        "XorLz4 encode: {:.2} GB/s, {} B/page",
-        (n * PAGE_SIZE) as f64 / dt.as_secs_f64() / 1e9,
+        "XorLz4 encode (64 changed bytes/page, 16 MiB working set): {:.2} GB/s, {} B/page",
+        (n * PAGE_SIZE) as f64 / best / 1e9,
         out.len() / n
     );
 }

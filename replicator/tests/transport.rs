@@ -9,9 +9,9 @@ use castor_replicator::transport::{
     TransportError,
 };
 use castor_replicator::wire::{
-    self, Body, BodyRef, DeviceState, EpochCheck, EpochEnd, EpochTally, ErrorFrame, Frame,
-    Heartbeat, HeldOutput, Hello, MemoryRegion, OutputItem, PageBatch, PageBatchWriter, PageEntry,
-    Role, VcpuState, WireError, PROTOCOL_VERSION,
+    self, Body, DeviceState, EpochCheck, EpochEnd, EpochTally, ErrorFrame, Frame, Heartbeat,
+    HeldOutput, Hello, MemoryRegion, OutputItem, PageBatch, PageBatchWriter, PageEntry, Role,
+    VcpuState, WireError, PROTOCOL_VERSION,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -27,6 +27,14 @@ fn config() -> TransportConfig {
     }
 }
 
+async fn dial(
+    addr: SocketAddr,
+    id: &Identity,
+    peer: PeerCert,
+) -> Result<Connection, TransportError> {
+    transport::connect(loopback(), addr, id, &peer, &config()).await
+}
+
 struct Pair {
     _listener: Listener,
     server: Connection,
@@ -38,10 +46,7 @@ async fn pair() -> Pair {
     let backup = Identity::generate("backup").unwrap();
     let listener = transport::listen(loopback(), &backup, &primary.cert(), &config()).unwrap();
     let addr = listener.local_addr().unwrap();
-    let (server, client) = tokio::join!(
-        listener.accept(),
-        transport::connect(loopback(), addr, &primary, &backup.cert(), &config())
-    );
+    let (server, client) = tokio::join!(listener.accept(), dial(addr, &primary, backup.cert()));
     Pair {
         _listener: listener,
         server: server.unwrap(),
@@ -191,7 +196,11 @@ async fn epoch_split_across_data_streams() {
         let server = p.server;
         let backup = tokio::spawn(async move {
             let (mut ack_tx, mut ctl) = server.accept_control().await.unwrap();
-            let Some(Frame { body: Body::Hello(_), .. }) = ctl.recv_owned().await.unwrap() else {
+            let Some(Frame {
+                body: Body::Hello(_),
+                ..
+            }) = ctl.recv_owned().await.unwrap()
+            else {
                 panic!("expected hello");
             };
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -205,7 +214,10 @@ async fn epoch_split_across_data_streams() {
                 });
             }
             drop(tx);
-            let Some(Frame { epoch, body: Body::EpochEnd(end) }) = ctl.recv_owned().await.unwrap()
+            let Some(Frame {
+                epoch,
+                body: Body::EpochEnd(end),
+            }) = ctl.recv_owned().await.unwrap()
             else {
                 panic!("expected epoch end");
             };
@@ -314,12 +326,13 @@ async fn server_refuses_wrong_client_certificate() {
         let backup = Identity::generate("backup").unwrap();
         let listener = transport::listen(loopback(), &backup, &primary.cert(), &config()).unwrap();
         let addr = listener.local_addr().unwrap();
-        let (server, client) = tokio::join!(
-            listener.accept(),
-            transport::connect(loopback(), addr, &impostor, &backup.cert(), &config())
-        );
+        let (server, client) =
+            tokio::join!(listener.accept(), dial(addr, &impostor, backup.cert()));
         let server_err = server.unwrap_err();
-        assert!(matches!(server_err, TransportError::Connection(_)), "{server_err}");
+        assert!(
+            matches!(server_err, TransportError::Connection(_)),
+            "{server_err}"
+        );
         // With TLS 1.3 the client may finish its side of the handshake before
         // the server rejects its certificate; it then sees the close.
         let client_err = match client {
@@ -327,22 +340,24 @@ async fn server_refuses_wrong_client_certificate() {
             Ok(conn) => conn.closed().await,
         };
         let msg = client_err.to_string();
-        assert!(msg.contains("certificate") || msg.contains("crypto"), "{msg}");
+        assert!(
+            msg.contains("certificate") || msg.contains("crypto"),
+            "{msg}"
+        );
         let refused = impostor.cert().fingerprint();
         let expected = primary.cert().fingerprint();
         assert!(
-            captured_logs().iter().any(|l| l.contains("refusing client certificate")
-                && l.contains(&refused)
-                && l.contains(&expected)),
+            captured_logs()
+                .iter()
+                .any(|l| l.contains("refusing client certificate")
+                    && l.contains(&refused)
+                    && l.contains(&expected)),
             "{:?}",
             captured_logs()
         );
 
         // The listener is still usable by the right client.
-        let (server, client) = tokio::join!(
-            listener.accept(),
-            transport::connect(loopback(), addr, &primary, &backup.cert(), &config())
-        );
+        let (server, client) = tokio::join!(listener.accept(), dial(addr, &primary, backup.cert()));
         server.unwrap();
         client.unwrap();
     })
@@ -359,10 +374,7 @@ async fn client_refuses_wrong_server_certificate() {
         let listener =
             transport::listen(loopback(), &impostor, &primary.cert(), &config()).unwrap();
         let addr = listener.local_addr().unwrap();
-        let (server, client) = tokio::join!(
-            listener.accept(),
-            transport::connect(loopback(), addr, &primary, &backup.cert(), &config())
-        );
+        let (server, client) = tokio::join!(listener.accept(), dial(addr, &primary, backup.cert()));
         let client_err = client.unwrap_err();
         let msg = client_err.to_string();
         assert!(msg.contains("certificate"), "{msg}");

@@ -3,7 +3,7 @@
 
 use castor_replicator::wire::{
     self, Body, BodyRef, DeviceState, EpochCheck, EpochEnd, EpochTally, ErrorFrame, Frame,
-    FrameIter, FrameType, Header, HeldOutput, Hello, Heartbeat, Limits, MemoryRegion, OutputItem,
+    FrameIter, FrameType, Header, Heartbeat, HeldOutput, Hello, Limits, MemoryRegion, OutputItem,
     PageBatch, PageBatchWriter, PageEntry, ReadFrameError, Role, VcpuState, WireError, HEADER_LEN,
     PROTOCOL_VERSION,
 };
@@ -220,7 +220,10 @@ fn page_batch_writer_matches_owned_encoding() {
     };
     assert_eq!(b.len(), 3);
     for (e, p) in b.iter().zip(&batch.pages) {
-        assert_eq!((e.page_number, e.tag, e.data), (p.page_number, p.tag, &p.data[..]));
+        assert_eq!(
+            (e.page_number, e.tag, e.data),
+            (p.page_number, p.tag, &p.data[..])
+        );
         // The data is a view into the buffer.
         let start = buf.as_ptr() as usize;
         let at = e.data.as_ptr() as usize;
@@ -353,7 +356,9 @@ fn payload_too_large_without_allocating() {
         }
     );
     // The async reader refuses before allocating the payload buffer.
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let mut buf = Vec::new();
         let mut r: &[u8] = &b;
@@ -401,15 +406,27 @@ fn too_many_entries() {
     };
     assert!(matches!(
         err(&encode(&samples()[2]), &limits),
-        WireError::TooManyEntries { count: 3, cap: 2, .. }
+        WireError::TooManyEntries {
+            count: 3,
+            cap: 2,
+            ..
+        }
     ));
     assert!(matches!(
         err(&encode(&samples()[0]), &limits),
-        WireError::TooManyEntries { count: 2, cap: 1, .. }
+        WireError::TooManyEntries {
+            count: 2,
+            cap: 1,
+            ..
+        }
     ));
     assert!(matches!(
         err(&encode(&samples()[6]), &limits),
-        WireError::TooManyEntries { count: 2, cap: 1, .. }
+        WireError::TooManyEntries {
+            count: 2,
+            cap: 1,
+            ..
+        }
     ));
     // A huge declared count with a tiny payload: refused, nothing allocated.
     let mut p = u32::MAX.to_le_bytes().to_vec();
@@ -435,15 +452,25 @@ fn strings_too_long_and_invalid_utf8() {
     };
     assert!(matches!(
         err(&encode(&samples()[0]), &limits),
-        WireError::StringTooLong { what: "tracker name", len: 13, cap: 5 }
+        WireError::StringTooLong {
+            what: "tracker name",
+            len: 13,
+            cap: 5
+        }
     ));
     assert!(matches!(
         err(&encode(&samples()[5]), &limits),
-        WireError::StringTooLong { what: "device id", .. }
+        WireError::StringTooLong {
+            what: "device id",
+            ..
+        }
     ));
     assert!(matches!(
         err(&encode(&samples()[11]), &limits),
-        WireError::StringTooLong { what: "error message", .. }
+        WireError::StringTooLong {
+            what: "error message",
+            ..
+        }
     ));
     let b = raw_frame(FrameType::DeviceState as u16, 1, &[2, 0xff, 0xfe, 1, 2]);
     assert_eq!(
@@ -593,13 +620,20 @@ fn random_bytes_never_panic() {
         }
         let key = match r {
             Ok((f, _)) => format!("ok {:?}", f.header.frame_type),
-            Err(e) => format!("{e:?}").split([' ', '{', '(']).next().unwrap_or("").to_owned(),
+            Err(e) => format!("{e:?}")
+                .split([' ', '{', '('])
+                .next()
+                .unwrap_or("")
+                .to_owned(),
         };
         *outcomes.entry(key).or_default() += 1;
     }
     // The mutations reach deep into the payload parser.
     assert!(outcomes.contains_key("Malformed"), "{outcomes:?}");
-    assert!(outcomes.keys().any(|k| k.starts_with("ok ")), "{outcomes:?}");
+    assert!(
+        outcomes.keys().any(|k| k.starts_with("ok ")),
+        "{outcomes:?}"
+    );
 }
 
 #[test]
@@ -681,7 +715,10 @@ async fn async_reader_streams_frames() {
     let mut r: &[u8] = b"CSTR\x01";
     assert!(matches!(
         wire::read_frame(&mut r, &mut buf, &limits).await,
-        Err(ReadFrameError::UnexpectedEof { got: 5, expected: 32 })
+        Err(ReadFrameError::UnexpectedEof {
+            got: 5,
+            expected: 32
+        })
     ));
     let mut r: &[u8] = b"GET / HTTP/1.1\r\n";
     assert!(matches!(

@@ -45,6 +45,7 @@ fn capture_restore_equivalence(vcpus: u32, instants: usize, seed: u64) {
     let cfg = VmConfig {
         vcpus,
         mem_bytes: MEM,
+        ..VmConfig::default()
     };
     for round in 0..instants {
         let rec_a = Arc::new(Recorder::new());
@@ -160,6 +161,7 @@ fn pause_resume_cycles_lose_nothing() {
             &VmConfig {
                 vcpus,
                 mem_bytes: MEM,
+                ..VmConfig::default()
             },
             rec.clone(),
         )
@@ -201,6 +203,7 @@ fn restore_into_other_shape_fails() {
         &VmConfig {
             vcpus: 2,
             mem_bytes: MEM,
+            ..VmConfig::default()
         },
         sink.clone(),
     )
@@ -215,6 +218,7 @@ fn restore_into_other_shape_fails() {
         &VmConfig {
             vcpus: 1,
             mem_bytes: MEM,
+            ..VmConfig::default()
         },
         sink.clone(),
     )
@@ -227,6 +231,7 @@ fn restore_into_other_shape_fails() {
         &VmConfig {
             vcpus: 2,
             mem_bytes: 2 * MEM,
+            ..VmConfig::default()
         },
         sink,
     )
@@ -244,6 +249,7 @@ fn state_is_plain_serde_data() {
         &VmConfig {
             vcpus: 1,
             mem_bytes: MEM,
+            ..VmConfig::default()
         },
         Arc::new(Recorder::new()),
     )
@@ -266,6 +272,7 @@ fn invalid_shapes_are_explained() {
         &VmConfig {
             vcpus: 0,
             mem_bytes: MEM,
+            ..VmConfig::default()
         },
         sink.clone(),
     )
@@ -276,6 +283,7 @@ fn invalid_shapes_are_explained() {
         &VmConfig {
             vcpus: 1,
             mem_bytes: 8 << 20,
+            ..VmConfig::default()
         },
         sink,
     )

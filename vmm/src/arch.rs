@@ -57,12 +57,12 @@ pub fn write_system_tables(mem: &GuestMemoryMmap) -> Result<()> {
     let tss = layout::TSS_ADDR;
     let gdt = [
         0,
-        gdt_entry(0xa09b, 0, 0xfffff), // kernel code, L=1
-        gdt_entry(0xc093, 0, 0xfffff), // kernel data
-        gdt_entry(0xc0f3, 0, 0xfffff), // user data, DPL 3
-        gdt_entry(0xa0fb, 0, 0xfffff), // user code, DPL 3, L=1
+        gdt_entry(0xa09b, 0, 0xfffff),            // kernel code, L=1
+        gdt_entry(0xc093, 0, 0xfffff),            // kernel data
+        gdt_entry(0xc0f3, 0, 0xfffff),            // user data, DPL 3
+        gdt_entry(0xa0fb, 0, 0xfffff),            // user code, DPL 3, L=1
         gdt_entry(0x008b, tss, TSS_LIMIT as u64), // busy 64-bit TSS, low half
-        tss >> 32,                     // TSS high half
+        tss >> 32,                                // TSS high half
     ];
     for (i, e) in gdt.iter().enumerate() {
         w(layout::GDT_ADDR + 8 * i as u64, *e)?;
@@ -75,10 +75,16 @@ pub fn write_system_tables(mem: &GuestMemoryMmap) -> Result<()> {
         .map_err(|e| Error::Memory(format!("writing TSS: {e}")))?;
 
     // Identity map of MAPPED_GIB with 2 MiB user pages.
-    w(layout::PML4_ADDR, layout::PDPT_ADDR | PTE_PRESENT | PTE_WRITE | PTE_USER)?;
+    w(
+        layout::PML4_ADDR,
+        layout::PDPT_ADDR | PTE_PRESENT | PTE_WRITE | PTE_USER,
+    )?;
     for gib in 0..layout::MAPPED_GIB {
         let pd = layout::PD_ADDR + gib * 4096;
-        w(layout::PDPT_ADDR + gib * 8, pd | PTE_PRESENT | PTE_WRITE | PTE_USER)?;
+        w(
+            layout::PDPT_ADDR + gib * 8,
+            pd | PTE_PRESENT | PTE_WRITE | PTE_USER,
+        )?;
         let mut entries = [0u8; 4096];
         for i in 0..512u64 {
             let phys = (gib << 30) | (i << 21);

@@ -38,6 +38,9 @@ pub enum Error {
     /// The VM is in the wrong run state for the request.
     #[error("{0}")]
     WrongState(&'static str),
+    /// Dirty tracking failed or is unavailable.
+    #[error("dirty tracking: {0}")]
+    DirtyTracking(#[from] castor_dirty_tracking::Error),
 }
 
 impl Error {

@@ -81,6 +81,8 @@ impl OutputSink for NullSink {
 pub(crate) struct GuestPorts {
     pub mem: GuestMemoryMmap,
     pub sink: Arc<dyn OutputSink>,
+    /// Devices at and above `pv::DEVICES_BASE`.
+    pub devices: Arc<crate::devices::DeviceBus>,
 }
 
 impl GuestPorts {
@@ -141,6 +143,7 @@ impl ExitHandler for GuestPorts {
                 fill_random(data);
                 ExitAction::Continue
             }
+            a if a >= pv::DEVICES_BASE && self.devices.read(a, data) => ExitAction::Continue,
             _ => {
                 data.fill(0xff);
                 ExitAction::Stop(StopReason::UnexpectedExit(format!(
@@ -163,6 +166,7 @@ impl ExitHandler for GuestPorts {
                     _ => StopReason::BadBootInfo,
                 })
             }
+            a if a >= pv::DEVICES_BASE && self.devices.write(a, data) => ExitAction::Continue,
             _ => ExitAction::StopNow(StopReason::UnexpectedExit(format!(
                 "{}-byte MMIO write at {addr:#x}, where no device is",
                 data.len()

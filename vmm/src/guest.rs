@@ -80,6 +80,124 @@ impl Default for DirtierParams {
 pub enum Workload {
     /// The memory dirtier.
     Dirtier(DirtierParams),
+    /// TCP counter and echo services on virtio-net (vCPU 0; other vCPUs finish).
+    Net(NetParams),
+    /// Numbered blocks written to virtio-blk and read back (vCPU 0).
+    Disk(DiskParams),
+}
+
+/// Parameters of the network workload.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetParams {
+    /// The guest's IPv4 address.
+    pub ip: [u8; 4],
+    /// Prefix length of its subnet.
+    pub prefix_len: u8,
+    /// Default gateway, if any.
+    pub gateway: Option<[u8; 4]>,
+    /// The guest's MAC address (must match the virtio-net device's).
+    pub mac: [u8; 6],
+    /// Port of the counter service; the echo service is on `port + 1`.
+    pub port: u16,
+    /// Sequence numbers per second per client; 0: as fast as TCP takes them.
+    pub rate: u64,
+}
+
+impl Default for NetParams {
+    fn default() -> Self {
+        NetParams {
+            ip: [10, 0, 0, 2],
+            prefix_len: 24,
+            gateway: None,
+            mac: [0x02, 0xca, 0x57, 0x00, 0x00, 0x02],
+            port: 7000,
+            rate: 1000,
+        }
+    }
+}
+
+/// Parameters of the disk workload.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiskParams {
+    /// Number of 4 KiB blocks written from the start of the disk.
+    pub blocks: u64,
+}
+
+fn write_device_config(
+    mem: &crate::GuestMemoryMmap,
+    c: &castor_guest_abi::DeviceConfig,
+) -> Result<()> {
+    use vm_memory::{Bytes, GuestAddress};
+    mem.write_slice(&c.to_bytes(), GuestAddress(layout::DEVICE_CONFIG_ADDR))
+        .map_err(|e| Error::Memory(format!("writing device config: {e}")))
+}
+
+impl NetParams {
+    /// Checks the parameters against the VM's devices and writes the guest's
+    /// [`castor_guest_abi::DeviceConfig`].
+    pub fn write_config(
+        &self,
+        mem: &crate::GuestMemoryMmap,
+        bus: &crate::devices::DeviceBus,
+    ) -> Result<()> {
+        let net = bus.find(crate::devices::virtio::TYPE_NET).ok_or_else(|| {
+            Error::InvalidConfig("the net workload needs a virtio-net device (--tap)".into())
+        })?;
+        if self.prefix_len == 0 || self.prefix_len > 30 || self.port == u16::MAX {
+            return Err(Error::InvalidConfig(format!(
+                "bad network parameters: prefix /{} (use 1..=30), port {} (use < 65535)",
+                self.prefix_len, self.port
+            )));
+        }
+        let mut mac = [0u8; 8];
+        mac[..6].copy_from_slice(&self.mac);
+        write_device_config(
+            mem,
+            &castor_guest_abi::DeviceConfig {
+                magic: castor_guest_abi::DEVICE_CONFIG_MAGIC,
+                net_mmio: net,
+                blk_mmio: bus.find(crate::devices::virtio::TYPE_BLOCK).unwrap_or(0),
+                mac,
+                ipv4: self.ip,
+                prefix_len: self.prefix_len as u32,
+                gateway: self.gateway.unwrap_or([0; 4]),
+                port: self.port as u32,
+                rate: self.rate,
+                disk_blocks: 0,
+            },
+        )
+    }
+}
+
+impl DiskParams {
+    /// Checks the parameters against the VM's devices and writes the guest's
+    /// [`castor_guest_abi::DeviceConfig`].
+    pub fn write_config(
+        &self,
+        mem: &crate::GuestMemoryMmap,
+        bus: &crate::devices::DeviceBus,
+    ) -> Result<()> {
+        let blk = bus
+            .find(crate::devices::virtio::TYPE_BLOCK)
+            .ok_or_else(|| {
+                Error::InvalidConfig("the disk workload needs a virtio-blk device (--disk)".into())
+            })?;
+        if self.blocks == 0 {
+            return Err(Error::InvalidConfig(
+                "the disk workload needs at least one block".into(),
+            ));
+        }
+        write_device_config(
+            mem,
+            &castor_guest_abi::DeviceConfig {
+                magic: castor_guest_abi::DEVICE_CONFIG_MAGIC,
+                net_mmio: bus.find(crate::devices::virtio::TYPE_NET).unwrap_or(0),
+                blk_mmio: blk,
+                disk_blocks: self.blocks,
+                ..Default::default()
+            },
+        )
+    }
 }
 
 /// Everything the built-in guest needs to boot.
@@ -117,7 +235,10 @@ impl DirtierParams {
                 "working set of {ws} bytes gives each of {vcpus} vCPUs less than one page"
             )));
         }
-        if self.bytes_per_page < 8 || self.bytes_per_page > 4096 || !self.bytes_per_page.is_multiple_of(8) {
+        if self.bytes_per_page < 8
+            || self.bytes_per_page > 4096
+            || !self.bytes_per_page.is_multiple_of(8)
+        {
             return Err(Error::InvalidConfig(format!(
                 "bytes per page {} is invalid: use a multiple of 8 from 8 to 4096",
                 self.bytes_per_page
@@ -171,7 +292,8 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         .trim()
         .parse()
         .map_err(|_| format!("{s:?} is not a size (examples: 256M, 1G, 4096)"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 #[cfg(test)]
@@ -193,15 +315,24 @@ mod tests {
         let p = DirtierParams::default();
         let c = p.to_abi(2, 256 << 20).unwrap();
         assert_eq!(c.region_bytes, ((256 << 20) - layout::WORKLOAD_ADDR) / 2);
-        assert!(DirtierParams { working_set: 1 << 30, ..p.clone() }
-            .to_abi(1, 256 << 20)
-            .is_err());
-        assert!(DirtierParams { bytes_per_page: 12, ..p.clone() }
-            .to_abi(1, 256 << 20)
-            .is_err());
-        assert!(DirtierParams { record_every: 0, ..p.clone() }
-            .to_abi(1, 256 << 20)
-            .is_err());
+        assert!(DirtierParams {
+            working_set: 1 << 30,
+            ..p.clone()
+        }
+        .to_abi(1, 256 << 20)
+        .is_err());
+        assert!(DirtierParams {
+            bytes_per_page: 12,
+            ..p.clone()
+        }
+        .to_abi(1, 256 << 20)
+        .is_err());
+        assert!(DirtierParams {
+            record_every: 0,
+            ..p.clone()
+        }
+        .to_abi(1, 256 << 20)
+        .is_err());
         assert!("zigzag".parse::<Pattern>().is_err());
     }
 }

@@ -9,13 +9,13 @@
 //! ```no_run
 //! use castor_vmm::{Vm, VmConfig, GuestBoot, Workload, DirtierParams, NullSink};
 //! use std::sync::Arc;
-//! let vm = Vm::new(&VmConfig { vcpus: 1, mem_bytes: 64 << 20 }, Arc::new(NullSink))?;
+//! let vm = Vm::new(&VmConfig { vcpus: 1, mem_bytes: 64 << 20, ..VmConfig::default() }, Arc::new(NullSink))?;
 //! vm.boot(&GuestBoot { workload: Workload::Dirtier(DirtierParams::default()), seed: 1 })?;
 //! vm.resume();
 //! vm.pause();
 //! let state = vm.capture_state()?;
 //! let memory = vm.read_memory()?;
-//! let twin = Vm::new(&VmConfig { vcpus: 1, mem_bytes: 64 << 20 }, Arc::new(NullSink))?;
+//! let twin = Vm::new(&VmConfig { vcpus: 1, mem_bytes: 64 << 20, ..VmConfig::default() }, Arc::new(NullSink))?;
 //! twin.write_memory(&memory)?;
 //! twin.restore_state(&state)?;
 //! twin.resume();
@@ -24,6 +24,7 @@
 #![deny(missing_docs)]
 
 pub mod arch;
+pub mod devices;
 mod error;
 mod exits;
 pub mod guest;
@@ -33,11 +34,14 @@ pub mod state;
 mod vcpu;
 mod vm;
 
+pub use castor_dirty_tracking::{
+    AlwaysDirtyId, Backend as DirtyBackend, DirtyMarks, DirtySet, DirtyTracking, PageRun,
+};
 pub use castor_guest_abi::Record;
 pub use error::{Error, Result};
 pub use exits::{Emit, NullSink, OutputSink, StopReason};
-pub use guest::{parse_size, DirtierParams, GuestBoot, Pattern, Workload};
-pub use memory::GuestMemoryMmap;
+pub use guest::{parse_size, DirtierParams, DiskParams, GuestBoot, NetParams, Pattern, Workload};
+pub use memory::{GuestMemoryMmap, MemoryRegionSpec};
 pub use state::{VcpuState, VmShape, VmState};
 pub use vcpu::VcpuRunState;
 pub use vm::{Vm, VmConfig, MAX_VCPUS};

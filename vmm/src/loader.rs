@@ -50,7 +50,9 @@ pub fn load_elf(mem: &GuestMemoryMmap, elf: &[u8]) -> Result<u64> {
         let paddr = u64_at(elf, ph + 24)?;
         let filesz = u64_at(elf, ph + 32)? as usize;
         let memsz = u64_at(elf, ph + 40)?;
-        let end = paddr.checked_add(memsz).ok_or_else(|| Error::Image("segment wraps".into()))?;
+        let end = paddr
+            .checked_add(memsz)
+            .ok_or_else(|| Error::Image("segment wraps".into()))?;
         if !area.contains(&paddr) || end > area.end || (filesz as u64) > memsz {
             return Err(Error::Image(format!(
                 "segment at {paddr:#x}+{memsz:#x} is outside the image area {:#x}..{:#x}",
@@ -68,7 +70,9 @@ pub fn load_elf(mem: &GuestMemoryMmap, elf: &[u8]) -> Result<u64> {
         loaded += 1;
     }
     if loaded == 0 || !area.contains(&entry) {
-        return Err(Error::Image("no loadable segment or entry outside the image".into()));
+        return Err(Error::Image(
+            "no loadable segment or entry outside the image".into(),
+        ));
     }
     Ok(entry)
 }

@@ -86,4 +86,6 @@ pub struct VmState {
     pub vm: VmDevicesState,
     /// One entry per vCPU, in index order.
     pub vcpus: Vec<VcpuState>,
+    /// The MMIO devices (virtio transport + device state), in bus slot order.
+    pub devices: Vec<crate::devices::DeviceState>,
 }

@@ -18,6 +18,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+/// `KVM_EXIT_DIRTY_RING_FULL`, which kvm-ioctls reports as `Unsupported`.
+const KVM_EXIT_DIRTY_RING_FULL: u32 = kvm_bindings::KVM_EXIT_DIRTY_RING_FULL;
+
 /// Signal used to kick vCPU threads out of `KVM_RUN`.
 pub(crate) fn kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN()
@@ -141,6 +144,7 @@ pub(crate) fn vcpu_loop(
     fd: Arc<Mutex<VcpuFd>>,
     shared: Arc<Shared>,
     handler: Arc<dyn ExitHandler>,
+    dirty_ring: Option<Arc<castor_dirty_tracking::RingShared>>,
 ) {
     let idx = id as usize;
     // Start out of KVM_RUN, waiting for the first resume.
@@ -157,18 +161,30 @@ pub(crate) fn vcpu_loop(
             Ok(VcpuExit::MmioWrite(addr, data)) => handler.mmio_write(id, addr, data),
             Ok(VcpuExit::Shutdown) => {
                 let regs = guard.get_regs().unwrap_or_default();
-                log::warn!("vCPU {id} shutdown: rip {:#x} rflags {:#x} rsp {:#x}", regs.rip, regs.rflags, regs.rsp);
+                log::warn!(
+                    "vCPU {id} shutdown: rip {:#x} rflags {:#x} rsp {:#x}",
+                    regs.rip,
+                    regs.rflags,
+                    regs.rsp
+                );
                 let rip = regs.rip;
-                let exception = guard
-                    .get_vcpu_events()
-                    .map(|e| e.exception.nr)
-                    .unwrap_or(0);
+                let exception = guard.get_vcpu_events().map(|e| e.exception.nr).unwrap_or(0);
                 ExitAction::StopNow(StopReason::Fault { rip, exception })
             }
-            Ok(VcpuExit::Hlt) => ExitAction::StopNow(StopReason::UnexpectedExit("HLT".into())),
-            Ok(VcpuExit::InternalError) => {
-                ExitAction::StopNow(StopReason::UnexpectedExit("KVM internal error (emulation failure)".into()))
+            Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) if dirty_ring.is_some() => {
+                // This vCPU's dirty ring is full: move it to the pending set,
+                // let KVM recycle it, and run on (nothing is lost).
+                match dirty_ring.as_ref().map(|r| r.on_ring_full(idx)) {
+                    Some(Err(e)) => ExitAction::StopNow(StopReason::KvmError(format!(
+                        "harvesting a full dirty ring: {e}"
+                    ))),
+                    _ => ExitAction::Continue,
+                }
             }
+            Ok(VcpuExit::Hlt) => ExitAction::StopNow(StopReason::UnexpectedExit("HLT".into())),
+            Ok(VcpuExit::InternalError) => ExitAction::StopNow(StopReason::UnexpectedExit(
+                "KVM internal error (emulation failure)".into(),
+            )),
             Ok(VcpuExit::FailEntry(reason, _)) => ExitAction::StopNow(StopReason::UnexpectedExit(
                 format!("VM entry failed, hardware reason {reason:#x}"),
             )),
@@ -241,10 +257,7 @@ fn wait_for_go<'a>(
     shared.waiting.fetch_add(1, Ordering::AcqRel);
     shared.waiting_cv.notify_all();
     while !c.quit && (c.pause || !c.runnable[idx]) {
-        c = shared
-            .resume_cv
-            .wait(c)
-            .unwrap_or_else(|e| e.into_inner());
+        c = shared.resume_cv.wait(c).unwrap_or_else(|e| e.into_inner());
     }
     shared.waiting.fetch_sub(1, Ordering::AcqRel);
     if c.quit {

@@ -8,13 +8,17 @@ use crate::loader;
 use crate::memory::{self, GuestMemoryMmap};
 use crate::state::{VcpuState, VmDevicesState, VmShape, VmState, STATE_VERSION};
 use crate::vcpu::{self, Ctl, ImmediateExit, Shared, VcpuRunState};
+use castor_dirty_tracking::{
+    AlwaysDirtyId, Backend, DirtyMarks, DirtySet, DirtyTracker, DirtyTracking, Slot,
+};
 use castor_guest_abi::{layout, workload, BootInfo, BOOT_MAGIC, BOOT_VERSION};
 use kvm_bindings::{
-    kvm_irqchip, kvm_mp_state, kvm_msr_entry, kvm_pit_config, kvm_userspace_memory_region, CpuId, Msrs, Xsave,
-    KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY,
+    kvm_irqchip, kvm_mp_state, kvm_msr_entry, kvm_pit_config, kvm_userspace_memory_region, CpuId,
+    Msrs, Xsave, KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -36,6 +40,24 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// Guest memory in bytes, 16 MiB to 16 GiB, a multiple of 2 MiB.
     pub mem_bytes: u64,
+    /// Dirty tracking of guest memory (fixed at creation: the dirty ring must
+    /// be enabled before the vCPUs exist). Default: none.
+    pub dirty_tracking: DirtyTracking,
+    /// Dirty-ring entries per vCPU (ring backend); 0 = the default (65536,
+    /// capped at what KVM offers).
+    pub dirty_ring_entries: u32,
+}
+
+impl Default for VmConfig {
+    /// 1 vCPU, 256 MiB, no dirty tracking.
+    fn default() -> Self {
+        VmConfig {
+            vcpus: 1,
+            mem_bytes: 256 << 20,
+            dirty_tracking: DirtyTracking::None,
+            dirty_ring_entries: 0,
+        }
+    }
 }
 
 impl VmConfig {
@@ -84,6 +106,11 @@ pub struct Vm {
     msr_indices: Vec<u32>,
     xsave2_words: usize,
     tsc_khz: u32,
+    devices: Arc<crate::devices::DeviceBus>,
+    /// The dirty tracker (None when the config asked for none).
+    dirty: Option<Mutex<Box<dyn DirtyTracker>>>,
+    /// VMM-side dirty marks (raw-pointer writes, always-dirty ranges).
+    marks: DirtyMarks,
 }
 
 impl Vm {
@@ -106,25 +133,40 @@ impl Vm {
         }
         fd.set_tss_address(0xfffb_d000)
             .map_err(Error::kvm("KVM_SET_TSS_ADDR"))?;
-        fd.create_irq_chip().map_err(Error::kvm("KVM_CREATE_IRQCHIP"))?;
+        fd.create_irq_chip()
+            .map_err(Error::kvm("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(Error::kvm("KVM_CREATE_PIT2"))?;
+        // Before memslots and vCPUs: the dirty ring must exist before any vCPU.
+        let dirty_prep = castor_dirty_tracking::prepare_vm(
+            &fd,
+            config.dirty_tracking,
+            config.dirty_ring_entries,
+        )?;
 
         let mem = memory::create(config.mem_bytes)?;
+        let marks = DirtyMarks::new(&mem);
+        let mut slots = Vec::new();
         for (slot, region) in mem.iter().enumerate() {
             let host = mem
                 .get_host_address(region.start_addr())
                 .map_err(|e| Error::Memory(format!("host address of region {slot}: {e}")))?;
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
-                flags: 0,
+                flags: dirty_prep.map(|p| p.memslot_flags()).unwrap_or(0),
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: host as u64,
             };
+            slots.push(Slot {
+                slot: slot as u32,
+                guest_addr: region.start_addr().0,
+                size: region.len(),
+                host_addr: host as u64,
+            });
             // SAFETY: the region is a live mapping owned by `mem`, which the Vm keeps
             // for as long as the VM fd exists (fields drop after the vCPU threads).
             unsafe { fd.set_user_memory_region(r) }
@@ -154,6 +196,16 @@ impl Vm {
             (msrs, khz)
         };
 
+        let (dirty, ring) = match dirty_prep {
+            Some(p) => {
+                let raw: Vec<std::os::fd::RawFd> =
+                    fds.iter().map(|f| lock_fd(f).as_raw_fd()).collect();
+                let built = p.build(fd.clone(), slots, marks.clone(), &raw)?;
+                (Some(Mutex::new(built.tracker)), built.ring)
+            }
+            None => (None, None),
+        };
+
         vcpu::install_kick_handler().map_err(Error::Thread)?;
         let n = config.vcpus as usize;
         let shared = Arc::new(Shared {
@@ -168,16 +220,18 @@ impl Vm {
             waiting: AtomicUsize::new(0),
             exits: fds.iter().map(ImmediateExit::new).collect(),
         });
+        let devices = Arc::new(crate::devices::DeviceBus::new(mem.clone()));
         let handler: Arc<dyn vcpu::ExitHandler> = Arc::new(GuestPorts {
             mem: mem.clone(),
             sink,
+            devices: devices.clone(),
         });
         let mut vcpus = Vec::new();
         for (id, vfd) in fds.into_iter().enumerate() {
-            let (f, s, h) = (vfd.clone(), shared.clone(), handler.clone());
+            let (f, s, h, r) = (vfd.clone(), shared.clone(), handler.clone(), ring.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu::vcpu_loop(id as u32, f, s, h))
+                .spawn(move || vcpu::vcpu_loop(id as u32, f, s, h, r))
                 .map_err(Error::Thread)?;
             vcpus.push(VcpuHandle {
                 fd: vfd,
@@ -194,6 +248,9 @@ impl Vm {
             msr_indices,
             xsave2_words,
             tsc_khz,
+            devices,
+            dirty,
+            marks,
         };
         vm.shared.wait_all_out(n);
         Ok(vm)
@@ -212,9 +269,86 @@ impl Vm {
         &self.mem
     }
 
+    /// The MMIO device bus: add virtio devices here before `boot` or `restore_state`.
+    pub fn devices(&self) -> &crate::devices::DeviceBus {
+        &self.devices
+    }
+
     /// The KVM VM fd, for dirty logging.
     pub fn vm_fd(&self) -> &VmFd {
         &self.fd
+    }
+
+    /// The dirty-tracking backend in use, if any.
+    pub fn dirty_backend(&self) -> Option<Backend> {
+        self.dirty.as_ref().map(|t| lock_tracker(t).backend())
+    }
+
+    fn tracker(&self) -> Result<MutexGuard<'_, Box<dyn DirtyTracker>>> {
+        self.dirty
+            .as_ref()
+            .map(lock_tracker)
+            .ok_or(Error::WrongState(
+                "this VM was created without dirty tracking: set VmConfig::dirty_tracking",
+            ))
+    }
+
+    /// (Re)starts dirty tracking: everything dirtied so far is forgotten; the
+    /// next [`Vm::harvest_dirty`] holds the pages written from now on. The VM
+    /// must be paused. Tracking is on from creation; call this to set the
+    /// baseline (e.g. right after the initial full copy).
+    pub fn start_dirty_tracking(&self) -> Result<()> {
+        self.require_paused("dirty")?;
+        Ok(self.tracker()?.start()?)
+    }
+
+    /// Stops dirty logging (no more write-protection faults) until
+    /// [`Vm::start_dirty_tracking`]. The VM must be paused.
+    pub fn stop_dirty_tracking(&self) -> Result<()> {
+        self.require_paused("dirty")?;
+        Ok(self.tracker()?.stop()?)
+    }
+
+    /// The pages dirtied since the last harvest (or start), by the vCPUs and
+    /// by the VMM, re-armed so the next write to each is seen again. The VM
+    /// must be paused; copy the pages after this returns.
+    pub fn harvest_dirty(&self) -> Result<DirtySet> {
+        self.require_paused("dirty")?;
+        Ok(self.tracker()?.harvest()?)
+    }
+
+    /// Like [`Vm::harvest_dirty`], adding the pages to `set` (from
+    /// [`Vm::empty_dirty_set`]), so a caller can reuse one set across epochs.
+    pub fn harvest_dirty_into(&self, set: &mut DirtySet) -> Result<()> {
+        self.require_paused("dirty")?;
+        Ok(self.tracker()?.harvest_into(set)?)
+    }
+
+    /// An empty dirty set shaped like guest memory.
+    pub fn empty_dirty_set(&self) -> DirtySet {
+        DirtySet::new(&self.marks.shape())
+    }
+
+    /// Reports that the VMM wrote `[gpa, gpa + len)` through a raw pointer
+    /// (writes through vm-memory's `Bytes` are tracked already).
+    pub fn mark_dirty(&self, gpa: u64, len: u64) {
+        self.marks.mark_dirty(gpa, len);
+    }
+
+    /// Registers a range reported dirty at every harvest (e.g. virtqueue
+    /// rings the devices write through raw pointers).
+    pub fn add_always_dirty(&self, gpa: u64, len: u64) -> AlwaysDirtyId {
+        self.marks.add_always_dirty(gpa, len)
+    }
+
+    /// Removes a range registered with [`Vm::add_always_dirty`].
+    pub fn remove_always_dirty(&self, id: AlwaysDirtyId) -> bool {
+        self.marks.remove_always_dirty(id)
+    }
+
+    /// A handle on the VMM-side dirty marks, for device threads.
+    pub fn dirty_marks(&self) -> DirtyMarks {
+        self.marks.clone()
     }
 
     /// Number of vCPUs.
@@ -257,6 +391,14 @@ impl Vm {
             Workload::Dirtier(p) => {
                 info.workload = workload::DIRTIER;
                 info.dirtier = p.to_abi(self.config.vcpus, self.config.mem_bytes)?;
+            }
+            Workload::Net(p) => {
+                info.workload = workload::NET;
+                p.write_config(&self.mem, &self.devices)?;
+            }
+            Workload::Disk(p) => {
+                info.workload = workload::DISK;
+                p.write_config(&self.mem, &self.devices)?;
             }
         }
         self.mem
@@ -320,6 +462,7 @@ impl Vm {
             return Err(Error::WrongState(match what {
                 "boot" => "boot needs a paused VM",
                 "capture" => "capture needs a paused VM: call pause() first",
+                "dirty" => "dirty tracking needs a paused VM: call pause() first",
                 _ => "restore needs a paused VM: call pause() first",
             }));
         }
@@ -351,6 +494,7 @@ impl Vm {
             shape: self.shape(),
             vm,
             vcpus,
+            devices: self.devices.capture(),
         })
     }
 
@@ -413,7 +557,8 @@ impl Vm {
     fn get_xsave(&self, fd: &VcpuFd) -> Result<Vec<u32>> {
         if self.xsave2_words > 1024 {
             let fam = self.xsave2_words - 1024;
-            let mut xs = Xsave::new(fam).map_err(|e| Error::Memory(format!("xsave buffer: {e:?}")))?;
+            let mut xs =
+                Xsave::new(fam).map_err(|e| Error::Memory(format!("xsave buffer: {e:?}")))?;
             // SAFETY: `xs` was sized from KVM_CAP_XSAVE2, the size KVM writes.
             unsafe { fd.get_xsave2(&mut xs) }.map_err(Error::kvm("KVM_GET_XSAVE2"))?;
             let s = xs.as_fam_struct_ref();
@@ -510,6 +655,9 @@ impl Vm {
             )));
         }
         self.restore_vm_devices(&state.vm)?;
+        self.devices
+            .restore(&state.devices)
+            .map_err(|e| Error::StateMismatch(e.to_string()))?;
         for (v, s) in self.vcpus.iter().zip(&state.vcpus) {
             self.restore_vcpu(&lock_fd(&v.fd), s)?;
         }
@@ -518,7 +666,9 @@ impl Vm {
     }
 
     fn restore_vm_devices(&self, s: &VmDevicesState) -> Result<()> {
-        self.fd.set_pit2(&s.pit).map_err(Error::kvm("KVM_SET_PIT2"))?;
+        self.fd
+            .set_pit2(&s.pit)
+            .map_err(Error::kvm("KVM_SET_PIT2"))?;
         let mut clock = s.clock;
         // Only flags KVM_SET_CLOCK accepts; the clock resumes from the saved value,
         // so the guest never sees it go backwards.
@@ -538,16 +688,19 @@ impl Vm {
     fn restore_vcpu(&self, fd: &VcpuFd, s: &VcpuState) -> Result<()> {
         let cpuid = CpuId::from_entries(&s.cpuid)
             .map_err(|e| Error::StateMismatch(format!("CPUID table: {e:?}")))?;
-        fd.set_cpuid2(&cpuid).map_err(Error::kvm("KVM_SET_CPUID2"))?;
+        fd.set_cpuid2(&cpuid)
+            .map_err(Error::kvm("KVM_SET_CPUID2"))?;
         fd.set_mp_state(s.mp_state)
             .map_err(Error::kvm("KVM_SET_MP_STATE"))?;
         fd.set_regs(&s.regs).map_err(Error::kvm("KVM_SET_REGS"))?;
-        fd.set_sregs(&s.sregs).map_err(Error::kvm("KVM_SET_SREGS"))?;
+        fd.set_sregs(&s.sregs)
+            .map_err(Error::kvm("KVM_SET_SREGS"))?;
         self.set_xsave(fd, &s.xsave)?;
         fd.set_xcrs(&s.xcrs).map_err(Error::kvm("KVM_SET_XCRS"))?;
         fd.set_debug_regs(&s.debugregs)
             .map_err(Error::kvm("KVM_SET_DEBUGREGS"))?;
-        fd.set_lapic(&s.lapic).map_err(Error::kvm("KVM_SET_LAPIC"))?;
+        fd.set_lapic(&s.lapic)
+            .map_err(Error::kvm("KVM_SET_LAPIC"))?;
         let mut msrs = s.msrs.clone();
         msrs.sort_by_key(|m| m.index); // IA32_TSC (0x10) before TSC_DEADLINE (0x6e0)
         let list = Msrs::from_entries(&msrs)
@@ -614,6 +767,10 @@ impl Drop for Vm {
 
 fn lock_fd(fd: &Mutex<VcpuFd>) -> MutexGuard<'_, VcpuFd> {
     fd.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn lock_tracker(t: &Mutex<Box<dyn DirtyTracker>>) -> MutexGuard<'_, Box<dyn DirtyTracker>> {
+    t.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The MSRs of KVM_GET_MSR_INDEX_LIST that this vCPU can both read and set

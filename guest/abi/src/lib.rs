@@ -24,6 +24,8 @@ pub mod layout {
     pub const TSS_ADDR: u64 = 0x2000;
     /// [`crate::BootInfo`], filled by the VMM before the guest starts.
     pub const BOOT_INFO_ADDR: u64 = 0x3000;
+    /// [`crate::DeviceConfig`], filled by the VMM for the device workloads.
+    pub const DEVICE_CONFIG_ADDR: u64 = 0x4000;
     /// PML4; the PDPT follows at +4 KiB, then the page directories.
     pub const PML4_ADDR: u64 = 0x1_0000;
     /// Page-directory-pointer table.
@@ -100,6 +102,71 @@ pub const BOOT_VERSION: u32 = 1;
 pub mod workload {
     /// Writes to a working set at a rate and pattern, emitting records.
     pub const DIRTIER: u32 = 1;
+    /// TCP services on virtio-net: a counter stream on `DeviceConfig::port`
+    /// and an echo on `port + 1`.
+    pub const NET: u32 = 2;
+    /// Writes numbered blocks to virtio-blk, flushes, reads them back.
+    pub const DISK: u32 = 3;
+}
+
+/// `DeviceConfig::magic`.
+pub const DEVICE_CONFIG_MAGIC: u64 = 0x4341_5354_4f52_4456; // "CASTORDV"
+
+/// Bytes of each numbered block the disk workload writes.
+pub const DISK_BLOCK_BYTES: u64 = 4096;
+
+/// The device workloads' configuration, at [`layout::DEVICE_CONFIG_ADDR`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// [`DEVICE_CONFIG_MAGIC`].
+    pub magic: u64,
+    /// Guest-physical base of the virtio-net MMIO window; 0: none.
+    pub net_mmio: u64,
+    /// Guest-physical base of the virtio-blk MMIO window; 0: none.
+    pub blk_mmio: u64,
+    /// The guest's MAC address (6 bytes, then 2 zero bytes).
+    pub mac: [u8; 8],
+    /// The guest's IPv4 address.
+    pub ipv4: [u8; 4],
+    /// Prefix length of its subnet.
+    pub prefix_len: u32,
+    /// Default gateway (0.0.0.0: none).
+    pub gateway: [u8; 4],
+    /// TCP port of the counter service; the echo service is on `port + 1`.
+    pub port: u32,
+    /// Sequence numbers per second per client; 0: as fast as TCP takes them.
+    pub rate: u64,
+    /// Number of [`DISK_BLOCK_BYTES`] blocks the disk workload writes.
+    pub disk_blocks: u64,
+}
+
+impl DeviceConfig {
+    /// Size in guest memory.
+    pub const SIZE: usize = core::mem::size_of::<DeviceConfig>();
+
+    /// The little-endian bytes of the `#[repr(C)]` layout.
+    pub fn to_bytes(&self) -> [u8; Self::SIZE] {
+        let mut out = [0u8; Self::SIZE];
+        out[0..8].copy_from_slice(&self.magic.to_le_bytes());
+        out[8..16].copy_from_slice(&self.net_mmio.to_le_bytes());
+        out[16..24].copy_from_slice(&self.blk_mmio.to_le_bytes());
+        out[24..32].copy_from_slice(&self.mac);
+        out[32..36].copy_from_slice(&self.ipv4);
+        out[36..40].copy_from_slice(&self.prefix_len.to_le_bytes());
+        out[40..44].copy_from_slice(&self.gateway);
+        out[44..48].copy_from_slice(&self.port.to_le_bytes());
+        out[48..56].copy_from_slice(&self.rate.to_le_bytes());
+        out[56..64].copy_from_slice(&self.disk_blocks.to_le_bytes());
+        out
+    }
+}
+
+/// The byte the disk workload writes at offset `i` of block `block` (seeded).
+pub const fn disk_pattern(seed: u64, block: u64, i: u64) -> u8 {
+    let x = (seed ^ block.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        .wrapping_add(i.wrapping_mul(0x0100_0000_01b3));
+    (x ^ (x >> 29) ^ (x >> 47)) as u8
 }
 
 /// Access patterns of the dirtier.
@@ -315,6 +382,29 @@ mod tests {
         assert_eq!(BootInfo::SIZE, 88);
         assert_eq!(core::mem::offset_of!(BootInfo, dirtier), 40);
         assert_eq!(core::mem::offset_of!(DirtierConfig, use_entropy), 40);
+    }
+
+    #[test]
+    fn device_config_bytes_match_repr_c() {
+        let c = DeviceConfig {
+            magic: DEVICE_CONFIG_MAGIC,
+            net_mmio: 0x8_0000_1000,
+            blk_mmio: 0x8_0000_2000,
+            mac: [2, 0, 0, 0, 0, 9, 0, 0],
+            ipv4: [10, 0, 0, 2],
+            prefix_len: 24,
+            gateway: [10, 0, 0, 1],
+            port: 7000,
+            rate: 1000,
+            disk_blocks: 64,
+        };
+        assert_eq!(DeviceConfig::SIZE, 64);
+        // SAFETY: DeviceConfig is repr(C) plain integers with no padding.
+        let raw = unsafe {
+            core::slice::from_raw_parts(&c as *const DeviceConfig as *const u8, DeviceConfig::SIZE)
+        };
+        assert_eq!(&c.to_bytes()[..], raw);
+        assert!(layout::DEVICE_CONFIG_ADDR + DeviceConfig::SIZE as u64 <= layout::PML4_ADDR);
     }
 
     #[test]

@@ -9,9 +9,15 @@
 #![no_main]
 
 mod dirtier;
+mod disk;
+mod mem;
+mod net;
 mod rt;
+mod virtq;
 
-use castor_guest_abi::{layout, status, workload, BootInfo, BOOT_MAGIC, BOOT_VERSION};
+use castor_guest_abi::{
+    layout, status, workload, BootInfo, DeviceConfig, BOOT_MAGIC, BOOT_VERSION, DEVICE_CONFIG_MAGIC,
+};
 
 /// Entry point of every vCPU.
 #[no_mangle]
@@ -27,6 +33,20 @@ pub extern "C" fn _start(vcpu: u64, boot_info: u64) -> ! {
     }
     match info.workload {
         workload::DIRTIER => dirtier::run(vcpu, &info),
+        workload::NET | workload::DISK => {
+            // SAFETY: the VMM wrote a DeviceConfig here for the device workloads.
+            let cfg: DeviceConfig = unsafe {
+                core::ptr::read_volatile(layout::DEVICE_CONFIG_ADDR as *const DeviceConfig)
+            };
+            if cfg.magic != DEVICE_CONFIG_MAGIC {
+                rt::stop(status::BAD_BOOT_INFO);
+            }
+            if info.workload == workload::NET {
+                net::run(vcpu, &info, &cfg)
+            } else {
+                disk::run(vcpu, &info, &cfg)
+            }
+        }
         _ => rt::stop(status::BAD_BOOT_INFO),
     }
 }

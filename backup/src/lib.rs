@@ -1,0 +1,321 @@
+//! `castor backup`: holds a hot replica of a primary's guest, commits only
+//! whole verified checkpoints, and takes over when the primary is lost.
+//! Thin over `castor-replicator`.
+
+use castor_primary::{start_metrics, BufferedSink, UdpRelease};
+use castor_replicator::backup::{Backup, BackupConfig, SessionEnd};
+use castor_replicator::primary::Release;
+use castor_replicator::transport::{self, Identity, PeerCert, TransportConfig};
+use castor_vmm::{Emit, OutputSink, Record, Vm, VmConfig};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Errors of the backup daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] castor_primary::ConfigError),
+    /// Replication failed.
+    #[error("backup: {0}")]
+    Backup(#[from] castor_replicator::backup::BackupError),
+    /// TLS or QUIC.
+    #[error("transport: {0}")]
+    Transport(#[from] castor_replicator::transport::TransportError),
+    /// I/O.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    /// Primary-side daemon pieces (metrics).
+    #[error(transparent)]
+    Primary(#[from] castor_primary::DaemonError),
+}
+
+/// `[replication]` of backup.toml.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationSection {
+    /// Address to listen on for the primary, "0.0.0.0:7400". Required.
+    pub listen: SocketAddr,
+    /// Heartbeat period in ms. Default 10.
+    #[serde(default = "default_hb")]
+    pub heartbeat_ms: u64,
+    /// The primary is lost after this many ms of silence. Default 100.
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+    /// "bitmap", "ring" or "auto": dirty tracking of the replica VM (used
+    /// once it runs the guest after a takeover). Default "auto".
+    #[serde(default = "default_tracking")]
+    pub dirty_tracking: String,
+}
+
+/// `[takeover]` of backup.toml.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TakeoverSection {
+    /// Re-send the last committed checkpoint's held output on takeover (the
+    /// primary may or may not have released it; duplicates carry their
+    /// sequence numbers). Default true.
+    #[serde(default = "yes")]
+    pub reemit_output: bool,
+}
+
+impl Default for TakeoverSection {
+    fn default() -> Self {
+        TakeoverSection {
+            reemit_output: true,
+        }
+    }
+}
+
+/// `[tls]`, `[output]`, `[metrics]` as in primary.toml.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    /// `[replication]`.
+    pub replication: ReplicationSection,
+    /// `[tls]`.
+    pub tls: castor_primary::config::TlsSection,
+    /// `[output]`: where the guest's output goes after a takeover.
+    pub output: castor_primary::config::OutputSection,
+    /// `[metrics]`.
+    #[serde(default)]
+    pub metrics: castor_primary::config::MetricsSection,
+    /// `[takeover]`.
+    #[serde(default)]
+    pub takeover: TakeoverSection,
+}
+
+fn default_hb() -> u64 {
+    10
+}
+fn default_timeout() -> u64 {
+    100
+}
+fn default_tracking() -> String {
+    "auto".into()
+}
+fn yes() -> bool {
+    true
+}
+
+/// A validated backup configuration.
+#[derive(Debug)]
+pub struct Config {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Replica VM dirty tracking.
+    pub dirty_tracking: castor_vmm::DirtyTracking,
+    /// Backup pipeline settings.
+    pub backup: BackupConfig,
+    /// TLS files.
+    pub cert: PathBuf,
+    /// Key.
+    pub key: PathBuf,
+    /// Peer certificate.
+    pub peer_cert: PathBuf,
+    /// Output destination after takeover.
+    pub release_to: SocketAddr,
+    /// Output cap.
+    pub max_held: usize,
+    /// Metrics endpoint.
+    pub metrics: Option<SocketAddr>,
+    /// Re-emit held output on takeover.
+    pub reemit_output: bool,
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, castor_primary::ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| castor_primary::ConfigError::Read {
+                path: path.into(),
+                source,
+            })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates the text of a config file.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, castor_primary::ConfigError> {
+        use castor_primary::ConfigError;
+        let f: File = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        let bad = |field: &'static str, message: String| ConfigError::Invalid {
+            path: path.into(),
+            field,
+            message,
+        };
+        let r = &f.replication;
+        if r.heartbeat_ms == 0 || r.timeout_ms <= r.heartbeat_ms {
+            return Err(bad(
+                "replication.timeout_ms",
+                format!(
+                    "{} ms must exceed heartbeat_ms ({})",
+                    r.timeout_ms, r.heartbeat_ms
+                ),
+            ));
+        }
+        let dirty_tracking =
+            castor_primary::config::parse_tracking(&r.dirty_tracking).ok_or_else(|| {
+                bad(
+                    "replication.dirty_tracking",
+                    format!("{:?}: use bitmap, ring or auto", r.dirty_tracking),
+                )
+            })?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        Ok(Config {
+            listen: r.listen,
+            dirty_tracking,
+            backup: BackupConfig {
+                peer_timeout: Duration::from_millis(r.timeout_ms),
+                heartbeat: Duration::from_millis(r.heartbeat_ms),
+                ..Default::default()
+            },
+            cert: dir.join(&f.tls.cert),
+            key: dir.join(&f.tls.key),
+            peer_cert: dir.join(&f.tls.peer_cert),
+            release_to: f.output.release_to,
+            max_held: castor_vmm::parse_size(&f.output.max_held)
+                .map_err(|m| bad("output.max_held", m))? as usize,
+            metrics: f.metrics.listen,
+            reemit_output: f.takeover.reemit_output,
+        })
+    }
+}
+
+/// The replica VM's output sink: refuses everything until a takeover
+/// connects it to the real one (the replica never runs before that).
+#[derive(Default)]
+pub struct SwitchSink {
+    inner: Mutex<Option<Arc<dyn OutputSink>>>,
+}
+
+impl SwitchSink {
+    /// Routes output to `sink` from now on.
+    pub fn connect(&self, sink: Arc<dyn OutputSink>) {
+        *self.inner.lock().unwrap_or_else(|e| e.into_inner()) = Some(sink);
+    }
+}
+
+impl OutputSink for SwitchSink {
+    fn emit(&self, r: &Record) -> Emit {
+        match self
+            .inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            Some(s) => s.emit(r),
+            None => Emit::Busy,
+        }
+    }
+}
+
+/// Runs the backup until killed.
+pub fn run(cfg: Config) -> Result<(), DaemonError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    {
+        let _g = rt.enter();
+        start_metrics(cfg.metrics)?;
+    }
+    let identity = Identity::load(&cfg.cert, &cfg.key)?;
+    let peer = PeerCert::load(&cfg.peer_cert)?;
+    let switch = Arc::new(SwitchSink::default());
+    let sw = switch.clone();
+    let tracking = cfg.dirty_tracking;
+    let mut backup = Backup::new(
+        cfg.backup.clone(),
+        Box::new(move |shape| {
+            let mem: u64 = shape
+                .memory
+                .iter()
+                .map(|r| r.guest_addr + r.size)
+                .max()
+                .unwrap_or(0);
+            let vm = Vm::new(
+                &VmConfig {
+                    vcpus: shape.vcpus,
+                    mem_bytes: mem,
+                    dirty_tracking: tracking,
+                    ..VmConfig::default()
+                },
+                sw.clone(),
+            )?;
+            Ok(Arc::new(vm))
+        }),
+    );
+    let listener = {
+        let _g = rt.enter();
+        transport::listen(cfg.listen, &identity, &peer, &TransportConfig::default())?
+    };
+    log::info!("backup listening on {}", cfg.listen);
+    loop {
+        let conn = match rt.block_on(listener.accept()) {
+            Ok(c) => c,
+            Err(e) => {
+                log::warn!("refused a connection: {e}");
+                continue;
+            }
+        };
+        let end = rt.block_on(backup.serve(conn));
+        let detected = Instant::now();
+        match end {
+            Ok(SessionEnd::ProtocolError(_)) => continue,
+            Ok(SessionEnd::PrimaryLost(why)) if backup.committed_epoch() > 0 => {
+                log::warn!(
+                    "primary lost ({why}): taking over from epoch {}",
+                    backup.committed_epoch()
+                );
+                return take_over(&cfg, &mut backup, &switch, detected);
+            }
+            Ok(SessionEnd::PrimaryLost(why)) => {
+                log::warn!("primary lost before the first commit ({why}); waiting for a primary");
+            }
+            Err(e) => log::error!("session failed: {e}"),
+        }
+    }
+}
+
+fn take_over(
+    cfg: &Config,
+    backup: &mut Backup,
+    switch: &SwitchSink,
+    detected: Instant,
+) -> Result<(), DaemonError> {
+    let t = backup.take_over()?;
+    let release: Arc<dyn Release> = Arc::new(UdpRelease::new(cfg.release_to)?);
+    if cfg.reemit_output && !t.output.items.is_empty() {
+        release.release(&t.output.items);
+    }
+    let next_seq = t.output.next_seq;
+    let buffer = Arc::new(castor_net_buffer::OutputBuffer::new(
+        castor_net_buffer::Config {
+            first_seq: next_seq,
+            ..castor_net_buffer::Config::with_max_bytes(cfg.max_held)
+        },
+    ));
+    let _ = buffer.set_unprotected(true);
+    switch.connect(Arc::new(BufferedSink { buffer, release }));
+    t.vm.resume();
+    let total = detected.elapsed();
+    metrics::counter!("castor_failovers_total").increment(1);
+    metrics::histogram!("castor_failover_restore_seconds").record(t.restore.as_secs_f64());
+    log::warn!(
+        "TAKEOVER complete: resumed from epoch {} (state restore {:?}, detection to resume {:?}); \
+         re-emitted {} held output item(s); running UNPROTECTED",
+        t.epoch,
+        t.restore,
+        total,
+        t.output.items.len()
+    );
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}

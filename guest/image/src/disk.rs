@@ -1,0 +1,126 @@
+//! The disk workload: writes numbered 4 KiB blocks to virtio-blk, flushes,
+//! reads them back and checks them, then reports DONE. Any mismatch or
+//! device error panics (the VMM sees the message).
+
+use crate::mem::{BLK_DATA, BLK_HDR, BLK_Q};
+use crate::rt;
+use crate::virtq::{
+    Mmio, Virtq, DESC_F_NEXT, DESC_F_WRITE, F_RING_EVENT_IDX, F_VERSION_1, REG_CONFIG,
+};
+use castor_guest_abi::{disk_pattern, status, BootInfo, DeviceConfig, DISK_BLOCK_BYTES};
+use core::ptr::{read_volatile, write_volatile};
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const F_FLUSH: u64 = 1 << 9;
+
+/// A polling virtio-blk driver, one request in flight.
+pub struct Blk {
+    mmio: Mmio,
+    q: Virtq,
+    pub capacity_sectors: u64,
+}
+
+impl Blk {
+    pub fn new(base: u64) -> Self {
+        let mmio = Mmio { base };
+        let q = Virtq::new(BLK_Q, 16);
+        mmio.init(2, F_VERSION_1 | F_RING_EVENT_IDX | F_FLUSH, &[(0, &q)]);
+        let lo = mmio.read(REG_CONFIG) as u64;
+        let hi = mmio.read(REG_CONFIG + 4) as u64;
+        Blk {
+            mmio,
+            q,
+            capacity_sectors: (hi << 32) | lo,
+        }
+    }
+
+    /// Runs one request of type `ty` at `sector` with `len` data bytes at
+    /// BLK_DATA; returns (status, used length).
+    pub fn request(&mut self, ty: u32, sector: u64, len: u32) -> (u8, u32) {
+        // SAFETY: BLK_HDR is RAM reserved for the request header and status.
+        unsafe {
+            write_volatile(BLK_HDR as *mut u32, ty);
+            write_volatile((BLK_HDR + 4) as *mut u32, 0);
+            write_volatile((BLK_HDR + 8) as *mut u64, sector);
+            write_volatile((BLK_HDR + 16) as *mut u8, 0xff);
+        }
+        let data_flags = if ty == T_OUT { 0 } else { DESC_F_WRITE };
+        if len > 0 {
+            self.q.set_desc(0, BLK_HDR, 16, DESC_F_NEXT, 1);
+            self.q
+                .set_desc(1, BLK_DATA, len, data_flags | DESC_F_NEXT, 2);
+            self.q.set_desc(2, BLK_HDR + 16, 1, DESC_F_WRITE, 0);
+        } else {
+            self.q.set_desc(0, BLK_HDR, 16, DESC_F_NEXT, 2);
+            self.q.set_desc(2, BLK_HDR + 16, 1, DESC_F_WRITE, 0);
+        }
+        self.q.push_avail(0);
+        // The device completes the request inside this exit.
+        self.mmio.notify(0);
+        loop {
+            if let Some((_, used_len)) = self.q.pop_used() {
+                // SAFETY: the status byte, written by the device.
+                let st = unsafe { read_volatile((BLK_HDR + 16) as *const u8) };
+                return (st, used_len);
+            }
+            rt::cpu_relax();
+        }
+    }
+}
+
+pub fn run(vcpu: u64, info: &BootInfo, cfg: &DeviceConfig) -> ! {
+    if vcpu != 0 {
+        rt::stop(status::DONE);
+    }
+    if cfg.blk_mmio == 0 {
+        rt::stop(status::BAD_BOOT_INFO);
+    }
+    let mut blk = Blk::new(cfg.blk_mmio);
+    let sectors_per_block = DISK_BLOCK_BYTES / 512;
+    if cfg.disk_blocks * sectors_per_block > blk.capacity_sectors {
+        panic!(
+            "disk of {} sectors is too small for {} blocks",
+            blk.capacity_sectors, cfg.disk_blocks
+        );
+    }
+    // SAFETY: BLK_DATA is RAM reserved for the data buffer (4 KiB).
+    let data = unsafe { crate::mem::slice(BLK_DATA, DISK_BLOCK_BYTES as usize) };
+    for b in 0..cfg.disk_blocks {
+        for (i, x) in data.iter_mut().enumerate() {
+            *x = disk_pattern(info.seed, b, i as u64);
+        }
+        let (st, _) = blk.request(T_OUT, b * sectors_per_block, DISK_BLOCK_BYTES as u32);
+        if st != 0 {
+            panic!("write of block {} failed: status {}", b, st);
+        }
+    }
+    let (st, _) = blk.request(T_FLUSH, 0, 0);
+    if st != 0 {
+        panic!("flush failed: status {}", st);
+    }
+    let (st, n) = blk.request(T_GET_ID, 0, 20);
+    if st != 0 || n == 0 {
+        panic!("get-id failed: status {} len {}", st, n);
+    }
+    for b in 0..cfg.disk_blocks {
+        data.fill(0);
+        let (st, n) = blk.request(T_IN, b * sectors_per_block, DISK_BLOCK_BYTES as u32);
+        if st != 0 || n != DISK_BLOCK_BYTES as u32 + 1 {
+            panic!("read of block {} failed: status {} len {}", b, st, n);
+        }
+        for (i, x) in data.iter().enumerate() {
+            if *x != disk_pattern(info.seed, b, i as u64) {
+                panic!("block {} byte {} reads back wrong", b, i);
+            }
+        }
+    }
+    // Past the end: the device must answer IOERR, not hang or crash.
+    let (st, _) = blk.request(T_IN, blk.capacity_sectors, 512);
+    if st != 1 {
+        panic!("read past the end got status {}, not IOERR", st);
+    }
+    rt::stop(status::DONE)
+}

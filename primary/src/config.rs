@@ -1,0 +1,410 @@
+//! `primary.toml`: every field, with its default. Unknown fields are refused
+//! and named; see `configs/primary.toml` for a commented example.
+
+use castor_vmm::{
+    parse_size, DirtierParams, DirtyTracking, GuestBoot, Pattern, VmConfig, Workload,
+};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A configuration problem, with what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has a bad or unknown field (the message names it).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, which names the field and line.
+        message: String,
+    },
+    /// A field has a value out of range.
+    #[error("{path}: field `{field}`: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The field, as `section.key`.
+        field: &'static str,
+        /// What to fix.
+        message: String,
+    },
+}
+
+/// The `[vm]` section.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSection {
+    /// vCPUs, 1 to 8. Default 1.
+    #[serde(default = "one")]
+    pub vcpus: u32,
+    /// Guest memory, "16M" to "16G". Default "256M".
+    #[serde(default = "default_mem")]
+    pub memory: String,
+    /// "bitmap", "ring" or "auto" (default).
+    #[serde(default = "default_tracking")]
+    pub dirty_tracking: String,
+}
+
+/// The `[guest]` section: the built-in dirtier's parameters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestSection {
+    /// "dirtier" (the only workload replicated so far).
+    #[serde(default = "default_workload")]
+    pub workload: String,
+    /// Total dirty rate, bytes of dirtied pages per second ("50M"); "0" = flat out.
+    #[serde(default = "default_rate")]
+    pub dirty_rate: String,
+    /// Working set over all vCPUs ("64M"); default: all workload memory.
+    #[serde(default)]
+    pub working_set: Option<String>,
+    /// "sequential", "uniform" (default) or "hot-cold".
+    #[serde(default = "default_pattern")]
+    pub pattern: String,
+    /// Bytes written per touched page (multiple of 8, 8..=4096). Default 64.
+    #[serde(default = "default_bpp")]
+    pub bytes_per_page: u32,
+    /// A record every this many page touches. Default 256.
+    #[serde(default = "default_record_every")]
+    pub record_every: u64,
+    /// Mix host randomness into each record (nondeterministic input). Default true.
+    #[serde(default = "yes")]
+    pub entropy: bool,
+    /// Workload seed. Default 1.
+    #[serde(default = "one_u64")]
+    pub seed: u64,
+}
+
+/// The `[replication]` section.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationSection {
+    /// The backup's address, "host:port". Required.
+    pub backup: SocketAddr,
+    /// Local UDP address to bind. Default "0.0.0.0:0".
+    #[serde(default = "default_bind")]
+    pub bind: SocketAddr,
+    /// Epoch interval in milliseconds, 2 to 1000. Default 25.
+    #[serde(default = "default_epoch")]
+    pub epoch_ms: u64,
+    /// Epochs in flight (sent, not acked) before the next pause waits. Default 4.
+    #[serde(default = "default_in_flight")]
+    pub max_in_flight: usize,
+    /// Last-sent page cache for XOR deltas ("256M").
+    #[serde(default = "default_cache")]
+    pub cache: String,
+    /// Send a full-memory digest every N epochs for the backup to check (0 = never).
+    #[serde(default)]
+    pub verify_memory_every: u64,
+    /// Heartbeat period in ms. Default 10.
+    #[serde(default = "default_hb")]
+    pub heartbeat_ms: u64,
+    /// The backup is lost after this many ms of silence. Default 100.
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+    /// On backup loss: "pause" (default: hold the guest until a backup
+    /// returns) or "continue" (run unprotected, release held output; loud).
+    #[serde(default = "default_policy")]
+    pub on_backup_loss: String,
+}
+
+/// The `[tls]` section: paths relative to the config file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// This host's certificate (PEM), from `castor keygen`.
+    pub cert: PathBuf,
+    /// This host's private key (PEM).
+    pub key: PathBuf,
+    /// The backup's certificate: the only peer accepted.
+    pub peer_cert: PathBuf,
+}
+
+/// The `[output]` section.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    /// Where released guest output goes: a UDP address, each record one datagram.
+    pub release_to: SocketAddr,
+    /// Most output held awaiting acks ("4M"); beyond it the guest stalls.
+    #[serde(default = "default_held")]
+    pub max_held: String,
+}
+
+/// The `[metrics]` section.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Prometheus endpoint, "127.0.0.1:9100"; absent = no endpoint.
+    pub listen: Option<SocketAddr>,
+}
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    /// `[vm]`.
+    pub vm: VmSection,
+    /// `[guest]`.
+    #[serde(default = "default_guest")]
+    pub guest: GuestSection,
+    /// `[replication]`.
+    pub replication: ReplicationSection,
+    /// `[tls]`.
+    pub tls: TlsSection,
+    /// `[output]`.
+    pub output: OutputSection,
+    /// `[metrics]`.
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+/// What to do when the backup is lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnBackupLoss {
+    /// Hold the guest until a backup returns.
+    Pause,
+    /// Run unprotected, releasing output at once.
+    Continue,
+}
+
+/// A validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    /// VM shape.
+    pub vm: VmConfig,
+    /// Guest.
+    pub boot: GuestBoot,
+    /// Pipeline settings.
+    pub pipeline: castor_replicator::primary::PrimaryConfig,
+    /// Backup address.
+    pub backup: SocketAddr,
+    /// Local bind.
+    pub bind: SocketAddr,
+    /// TLS files.
+    pub cert: PathBuf,
+    /// Key.
+    pub key: PathBuf,
+    /// Peer certificate.
+    pub peer_cert: PathBuf,
+    /// Released output destination.
+    pub release_to: SocketAddr,
+    /// Output cap in bytes.
+    pub max_held: usize,
+    /// Metrics endpoint.
+    pub metrics: Option<SocketAddr>,
+    /// Backup-loss policy.
+    pub on_backup_loss: OnBackupLoss,
+}
+
+fn one() -> u32 {
+    1
+}
+fn one_u64() -> u64 {
+    1
+}
+fn yes() -> bool {
+    true
+}
+fn default_mem() -> String {
+    "256M".into()
+}
+fn default_tracking() -> String {
+    "auto".into()
+}
+fn default_workload() -> String {
+    "dirtier".into()
+}
+fn default_rate() -> String {
+    "50M".into()
+}
+fn default_pattern() -> String {
+    "uniform".into()
+}
+fn default_bpp() -> u32 {
+    64
+}
+fn default_record_every() -> u64 {
+    256
+}
+fn default_bind() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
+}
+fn default_epoch() -> u64 {
+    25
+}
+fn default_in_flight() -> usize {
+    4
+}
+fn default_cache() -> String {
+    "256M".into()
+}
+fn default_hb() -> u64 {
+    10
+}
+fn default_timeout() -> u64 {
+    100
+}
+fn default_policy() -> String {
+    "pause".into()
+}
+fn default_held() -> String {
+    "4M".into()
+}
+fn default_guest() -> GuestSection {
+    toml::from_str("").unwrap_or(GuestSection {
+        workload: default_workload(),
+        dirty_rate: default_rate(),
+        working_set: None,
+        pattern: default_pattern(),
+        bytes_per_page: default_bpp(),
+        record_every: default_record_every(),
+        entropy: true,
+        seed: 1,
+    })
+}
+
+/// Parses a tracking mode name.
+pub fn parse_tracking(s: &str) -> Option<DirtyTracking> {
+    match s {
+        "bitmap" => Some(DirtyTracking::Bitmap),
+        "ring" => Some(DirtyTracking::Ring),
+        "auto" => Some(DirtyTracking::Auto),
+        _ => None,
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Validates the text of a config file (`path` for messages and relative paths).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let f: File = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
+        let bad = |field: &'static str, message: String| ConfigError::Invalid {
+            path: path.into(),
+            field,
+            message,
+        };
+        let size = |field: &'static str, v: &str| parse_size(v).map_err(|m| bad(field, m));
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let vm = VmConfig {
+            vcpus: f.vm.vcpus,
+            mem_bytes: size("vm.memory", &f.vm.memory)?,
+            dirty_tracking: parse_tracking(&f.vm.dirty_tracking).ok_or_else(|| {
+                bad(
+                    "vm.dirty_tracking",
+                    format!("{:?}: use bitmap, ring or auto", f.vm.dirty_tracking),
+                )
+            })?,
+            ..VmConfig::default()
+        };
+        vm.validate().map_err(|e| bad("vm", e.to_string()))?;
+        if f.guest.workload != "dirtier" {
+            return Err(bad(
+                "guest.workload",
+                format!(
+                    "{:?}: only \"dirtier\" is replicated so far",
+                    f.guest.workload
+                ),
+            ));
+        }
+        let pattern: Pattern = f
+            .guest
+            .pattern
+            .parse()
+            .map_err(|e: castor_vmm::Error| bad("guest.pattern", e.to_string()))?;
+        let params = DirtierParams {
+            working_set: match &f.guest.working_set {
+                Some(w) => size("guest.working_set", w)?,
+                None => 0,
+            },
+            dirty_rate: size("guest.dirty_rate", &f.guest.dirty_rate)?,
+            pattern,
+            bytes_per_page: f.guest.bytes_per_page,
+            record_every: f.guest.record_every,
+            use_entropy: f.guest.entropy,
+        };
+        params
+            .to_abi(vm.vcpus, vm.mem_bytes)
+            .map_err(|e| bad("guest", e.to_string()))?;
+        let r = &f.replication;
+        if !(2..=1000).contains(&r.epoch_ms) {
+            return Err(bad(
+                "replication.epoch_ms",
+                format!("{}: use 2 to 1000", r.epoch_ms),
+            ));
+        }
+        if r.max_in_flight == 0 || r.max_in_flight > 64 {
+            return Err(bad(
+                "replication.max_in_flight",
+                format!("{}: use 1 to 64", r.max_in_flight),
+            ));
+        }
+        if r.heartbeat_ms == 0 || r.timeout_ms <= r.heartbeat_ms {
+            return Err(bad(
+                "replication.timeout_ms",
+                format!(
+                    "{} ms must exceed heartbeat_ms ({})",
+                    r.timeout_ms, r.heartbeat_ms
+                ),
+            ));
+        }
+        let on_backup_loss = match r.on_backup_loss.as_str() {
+            "pause" => OnBackupLoss::Pause,
+            "continue" => OnBackupLoss::Continue,
+            other => {
+                return Err(bad(
+                    "replication.on_backup_loss",
+                    format!("{other:?}: use \"pause\" or \"continue\""),
+                ))
+            }
+        };
+        let pipeline = castor_replicator::primary::PrimaryConfig {
+            epoch_interval: Duration::from_millis(r.epoch_ms),
+            max_in_flight: r.max_in_flight,
+            cache_bytes: size("replication.cache", &r.cache)? as usize,
+            verify_memory_every: r.verify_memory_every,
+            heartbeat: Duration::from_millis(r.heartbeat_ms),
+            peer_timeout: Duration::from_millis(r.timeout_ms),
+            ..Default::default()
+        };
+        Ok(Config {
+            vm,
+            boot: GuestBoot {
+                workload: Workload::Dirtier(params),
+                seed: f.guest.seed,
+            },
+            pipeline,
+            backup: r.backup,
+            bind: r.bind,
+            cert: dir.join(&f.tls.cert),
+            key: dir.join(&f.tls.key),
+            peer_cert: dir.join(&f.tls.peer_cert),
+            release_to: f.output.release_to,
+            max_held: size("output.max_held", &f.output.max_held)? as usize,
+            metrics: f.metrics.listen,
+            on_backup_loss,
+        })
+    }
+}

@@ -1,0 +1,192 @@
+//! `castor primary`: runs the protected guest and replicates it to the
+//! backup. Thin over `castor-replicator`: this crate reads the config, wires
+//! the guest's output through the output-commit buffer to the outside world,
+//! starts the metrics endpoint, and reconnects (or applies the backup-loss
+//! policy) when the backup goes away.
+
+pub mod config;
+
+use castor_net_buffer::{OutputBuffer, PushError};
+use castor_replicator::primary::{Primary, PrimaryError, Release};
+use castor_replicator::transport::{self, Identity, PeerCert, TransportConfig};
+use castor_vmm::{Emit, OutputSink, Record, Vm};
+pub use config::{Config, ConfigError, OnBackupLoss};
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Errors of the primary daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The VMM failed.
+    #[error("vmm: {0}")]
+    Vmm(#[from] castor_vmm::Error),
+    /// TLS identity problem.
+    #[error("tls: {0}")]
+    Tls(#[from] castor_replicator::transport::TransportError),
+    /// I/O (sockets, runtime).
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    /// Metrics endpoint.
+    #[error("metrics endpoint: {0}")]
+    Metrics(String),
+}
+
+/// The guest's output sink: every record goes into the output-commit buffer
+/// (held until its epoch is acknowledged); a full buffer stalls the guest.
+pub struct BufferedSink {
+    /// The buffer.
+    pub buffer: Arc<OutputBuffer>,
+    /// Where pass-through items go when running unprotected.
+    pub release: Arc<dyn Release>,
+}
+
+impl OutputSink for BufferedSink {
+    fn emit(&self, r: &Record) -> Emit {
+        match self.buffer.try_push(r.to_bytes().to_vec()) {
+            Ok(castor_net_buffer::Pushed::Held(_)) => Emit::Accepted,
+            Ok(castor_net_buffer::Pushed::PassThrough(item)) => {
+                self.release.release(&[(item.seq, item.data)]);
+                Emit::Accepted
+            }
+            Err(PushError::Full(_)) => Emit::Busy,
+            Err(PushError::TooLarge { .. }) => Emit::Stop,
+        }
+    }
+}
+
+/// Released output goes to a UDP address: one datagram per item,
+/// `seq (u64 LE) || item bytes`.
+pub struct UdpRelease {
+    socket: UdpSocket,
+    to: SocketAddr,
+}
+
+impl UdpRelease {
+    /// A sender to `to`.
+    pub fn new(to: SocketAddr) -> std::io::Result<Self> {
+        let bind: SocketAddr = if to.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        Ok(UdpRelease {
+            socket: UdpSocket::bind(bind)?,
+            to,
+        })
+    }
+}
+
+impl Release for UdpRelease {
+    fn release(&self, items: &[(u64, Vec<u8>)]) {
+        let mut buf = Vec::with_capacity(64);
+        for (seq, data) in items {
+            buf.clear();
+            buf.extend_from_slice(&seq.to_le_bytes());
+            buf.extend_from_slice(data);
+            if let Err(e) = self.socket.send_to(&buf, self.to) {
+                log::warn!("releasing output item {seq} to {}: {e}", self.to);
+            }
+        }
+        metrics::counter!("castor_released_items_total").increment(items.len() as u64);
+    }
+}
+
+/// Starts the Prometheus endpoint if configured.
+pub fn start_metrics(listen: Option<SocketAddr>) -> Result<(), DaemonError> {
+    if let Some(addr) = listen {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .map_err(|e| DaemonError::Metrics(format!("{addr}: {e}")))?;
+        log::info!("metrics on http://{addr}/metrics");
+    }
+    Ok(())
+}
+
+/// Runs the primary until killed.
+pub fn run(cfg: Config) -> Result<(), DaemonError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    {
+        let _g = rt.enter();
+        start_metrics(cfg.metrics)?;
+    }
+    let identity = Identity::load(&cfg.cert, &cfg.key)?;
+    let peer = PeerCert::load(&cfg.peer_cert)?;
+    let release: Arc<dyn Release> = Arc::new(UdpRelease::new(cfg.release_to)?);
+    let buffer = Arc::new(OutputBuffer::new(
+        castor_net_buffer::Config::with_max_bytes(cfg.max_held),
+    ));
+    let sink = Arc::new(BufferedSink {
+        buffer: buffer.clone(),
+        release: release.clone(),
+    });
+    let vm = Arc::new(Vm::new(&cfg.vm, sink.clone())?);
+    vm.boot(&cfg.boot)?;
+    log::info!(
+        "guest booted: {} vCPU(s), {} MiB, dirty tracking {}",
+        cfg.vm.vcpus,
+        cfg.vm.mem_bytes >> 20,
+        vm.dirty_backend().map_or("none".into(), |b| b.to_string())
+    );
+    vm.resume();
+    let mut primary = Primary::new(vm.clone(), buffer.clone(), release, cfg.pipeline.clone());
+    let tcfg = TransportConfig::default();
+    let mut paused_for_loss = false;
+    loop {
+        let conn = rt.block_on(transport::connect(
+            cfg.bind, cfg.backup, &identity, &peer, &tcfg,
+        ));
+        match conn {
+            Ok(conn) => {
+                if buffer.is_unprotected() {
+                    log::warn!("a backup is back: protection resumes after resynchronisation");
+                    let _ = buffer.set_unprotected(false);
+                }
+                if paused_for_loss {
+                    vm.resume();
+                    paused_for_loss = false;
+                }
+                match primary.replicate(conn, rt.handle()) {
+                    Err(PrimaryError::Stopped) => return Ok(()),
+                    Err(e) => log::error!("replication to {} lost: {e}", cfg.backup),
+                    Ok(()) => {}
+                }
+            }
+            Err(e) => log::debug!("cannot reach backup {}: {e}", cfg.backup),
+        }
+        metrics::counter!("castor_backup_losses_total").increment(1);
+        match cfg.on_backup_loss {
+            OnBackupLoss::Continue => {
+                if !buffer.is_unprotected() {
+                    log::warn!(
+                        "!!! BACKUP LOST: running UNPROTECTED (on_backup_loss = \"continue\"); \
+                         releasing held output and retrying the backup"
+                    );
+                    let released = buffer.set_unprotected(true);
+                    let items: Vec<(u64, Vec<u8>)> =
+                        released.iter().map(|i| (i.seq, i.data.clone())).collect();
+                    if !items.is_empty() {
+                        sink.release.release(&items);
+                    }
+                }
+            }
+            OnBackupLoss::Pause => {
+                if !paused_for_loss {
+                    log::warn!(
+                        "!!! BACKUP LOST: guest paused until a backup returns (on_backup_loss = \"pause\")"
+                    );
+                    vm.pause();
+                    paused_for_loss = true;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -1,0 +1,507 @@
+//! The backup's side of replication: receive checkpoints, commit only whole
+//! verified ones, acknowledge them; and take over when the primary is lost.
+//!
+//! Session start: the primary sends `Hello`; the backup answers with its own,
+//! carrying the session id and the epoch it last committed, so a primary that
+//! reconnects can resume incrementally. A new session (another id) gets a
+//! fresh replica: epoch-0 page batches (the primary's pre-copy) are applied
+//! straight into it, and the first checkpoint carrying state makes it usable.
+//!
+//! Any malformed or unverifiable frame ends the session with an `Error` frame
+//! and drops every partial epoch; the replica keeps its last commit, and the
+//! primary reconnects and resyncs.
+
+use crate::checkpoint::{CheckpointError, CommittedOutput, EpochAssembler, Replica};
+use crate::primary::memory_digest;
+use crate::transport::{Connection, FrameReceiver, FrameSender, TransportError};
+use crate::wire::{self, Body, Frame, FrameType, Hello, Role, PROTOCOL_VERSION};
+use castor_vmm::state::VmShape;
+use castor_vmm::{MemoryRegionSpec, Vm, VmState};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Errors of the backup.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// Transport failure.
+    #[error("transport: {0}")]
+    Transport(#[from] TransportError),
+    /// A checkpoint failed to assemble, verify or commit.
+    #[error("checkpoint: {0}")]
+    Checkpoint(#[from] CheckpointError),
+    /// The primary spoke out of turn.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// The VMM failed.
+    #[error("vmm: {0}")]
+    Vmm(#[from] castor_vmm::Error),
+    /// Takeover was asked for with no committed checkpoint.
+    #[error("no committed checkpoint to take over from")]
+    NothingCommitted,
+}
+
+/// Backup settings.
+#[derive(Clone, Debug)]
+pub struct BackupConfig {
+    /// The primary is lost after this long without a frame from it.
+    pub peer_timeout: Duration,
+    /// Heartbeat period.
+    pub heartbeat: Duration,
+    /// Most bytes buffered for one epoch.
+    pub max_epoch_bytes: usize,
+    /// Most epochs buffered at once (arriving ahead of their commit).
+    pub max_epochs_buffered: usize,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        BackupConfig {
+            peer_timeout: Duration::from_millis(100),
+            heartbeat: Duration::from_millis(10),
+            max_epoch_bytes: 1 << 30,
+            max_epochs_buffered: 16,
+        }
+    }
+}
+
+/// How a session ended.
+#[derive(Debug)]
+pub enum SessionEnd {
+    /// The primary stopped answering or the connection died: take over if
+    /// there is a committed checkpoint.
+    PrimaryLost(String),
+    /// The primary's data failed verification; the replica is intact and the
+    /// primary is expected to reconnect and resync.
+    ProtocolError(String),
+}
+
+/// Live figures of the backup.
+#[derive(Debug, Default)]
+pub struct BackupStatus {
+    /// Last committed epoch.
+    pub committed: AtomicU64,
+    /// Epochs committed.
+    pub commits: AtomicU64,
+    /// Epochs discarded (partial or failed verification).
+    pub discarded: AtomicU64,
+    /// Memory-digest verifications that passed.
+    pub verified: AtomicU64,
+    /// Memory-digest verifications that failed.
+    pub verify_failures: AtomicU64,
+}
+
+/// Builds the backup's VM for a shape announced by a primary.
+pub type VmFactory = dyn Fn(&VmShape) -> Result<Arc<Vm>, castor_vmm::Error> + Send + Sync;
+
+/// The backup: a paused replica VM and the committed checkpoint.
+pub struct Backup {
+    cfg: BackupConfig,
+    factory: Box<VmFactory>,
+    vm: Option<Arc<Vm>>,
+    replica: Option<Replica>,
+    session_id: u64,
+    status: Arc<BackupStatus>,
+    commit_log: Option<Box<dyn FnMut(u64) + Send>>,
+}
+
+impl Backup {
+    /// A backup that creates its replica VM with `factory` when a primary
+    /// announces the shape.
+    pub fn new(cfg: BackupConfig, factory: Box<VmFactory>) -> Self {
+        Backup {
+            cfg,
+            factory,
+            vm: None,
+            replica: None,
+            session_id: 0,
+            status: Arc::new(BackupStatus::default()),
+            commit_log: None,
+        }
+    }
+
+    /// Called with each epoch right after it is committed (before its Ack is
+    /// sent): the commit log tests check output against.
+    pub fn set_commit_log(&mut self, f: Box<dyn FnMut(u64) + Send>) {
+        self.commit_log = Some(f);
+    }
+
+    /// Live figures.
+    pub fn status(&self) -> Arc<BackupStatus> {
+        self.status.clone()
+    }
+
+    /// Last committed epoch (0: none).
+    pub fn committed_epoch(&self) -> u64 {
+        self.replica.as_ref().map_or(0, |r| r.committed_epoch())
+    }
+
+    /// The replica (for inspection in tests).
+    pub fn replica(&self) -> Option<&Replica> {
+        self.replica.as_ref()
+    }
+
+    /// The replica VM.
+    pub fn vm(&self) -> Option<&Arc<Vm>> {
+        self.vm.as_ref()
+    }
+
+    /// Serves one primary connection until it ends.
+    pub async fn serve(&mut self, mut conn: Connection) -> Result<SessionEnd, BackupError> {
+        let (mut ctl_tx, mut ctl_rx) = conn.accept_control().await?;
+        let hello = match tokio::time::timeout(Duration::from_secs(10), ctl_rx.recv_owned()).await {
+            Err(_) => return Err(BackupError::Protocol("no Hello within 10 s".into())),
+            Ok(r) => r?.ok_or_else(|| BackupError::Protocol("control stream closed".into()))?,
+        };
+        let Body::Hello(h) = hello.body else {
+            return Err(BackupError::Protocol(format!(
+                "expected Hello, got {:?}",
+                hello.body.frame_type()
+            )));
+        };
+        if h.role != Role::Primary {
+            return Err(BackupError::Protocol("the peer is not a primary".into()));
+        }
+        let shape = VmShape {
+            vcpus: h.vcpus,
+            memory: h
+                .memory_regions
+                .iter()
+                .map(|r| MemoryRegionSpec {
+                    guest_addr: r.guest_addr,
+                    size: r.size,
+                })
+                .collect(),
+        };
+        let same_session = h.session_id == self.session_id
+            && self.vm.as_ref().is_some_and(|vm| vm.shape() == shape)
+            && self.committed_epoch() > 0;
+        if !same_session {
+            log::info!(
+                "new replication session {:#x} from {}: {} vCPUs, {} MiB, tracker {}",
+                h.session_id,
+                conn.remote_address(),
+                shape.vcpus,
+                shape.memory.iter().map(|r| r.size).sum::<u64>() >> 20,
+                h.tracker
+            );
+            let vm = match self.vm.take() {
+                Some(vm) if vm.shape() == shape => vm,
+                _ => (self.factory)(&shape)?,
+            };
+            self.replica = Some(Replica::new(vm.memory().clone(), shape.clone()));
+            self.vm = Some(vm);
+            self.session_id = h.session_id;
+        } else {
+            log::info!(
+                "primary {} resumes session {:#x} from committed epoch {}",
+                conn.remote_address(),
+                h.session_id,
+                self.committed_epoch()
+            );
+        }
+        let replica = self
+            .replica
+            .as_mut()
+            .ok_or_else(|| BackupError::Protocol("no replica".into()))?;
+        replica.expect_any_next();
+        let limits = replica.limits().clone();
+        conn.set_limits(limits.clone());
+        ctl_rx.set_limits(limits);
+        let reply = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            role: Role::Backup,
+            vcpus: h.vcpus,
+            memory_regions: h.memory_regions.clone(),
+            tracker: h.tracker.clone(),
+            epoch_interval_ms: h.epoch_interval_ms,
+            session_id: self.session_id,
+            resume_from_epoch: replica.committed_epoch(),
+        };
+        ctl_tx.send(&Frame::new(0, Body::Hello(reply))).await?;
+        let data_rx = conn.accept_data().await?;
+        let conn = Arc::new(conn);
+        let end = self.session(conn.clone(), ctl_tx, ctl_rx, data_rx).await;
+        match &end {
+            Ok(SessionEnd::ProtocolError(why)) => {
+                log::warn!(
+                    "replication session ended: {why}; keeping committed epoch {}",
+                    self.committed_epoch()
+                );
+                conn.close(2, "checkpoint failed verification");
+            }
+            Ok(SessionEnd::PrimaryLost(why)) => {
+                log::warn!("primary lost: {why}");
+                conn.close(1, "primary lost");
+            }
+            Err(_) => conn.close(3, "backup error"),
+        }
+        end
+    }
+
+    async fn session(
+        &mut self,
+        conn: Arc<Connection>,
+        mut ctl_tx: FrameSender,
+        ctl_rx: FrameReceiver,
+        data_rx: FrameReceiver,
+    ) -> Result<SessionEnd, BackupError> {
+        let mut pending: BTreeMap<u64, EpochAssembler> = BTreeMap::new();
+        let mut last_heard = Instant::now();
+        let mut hb = tokio::time::interval(self.cfg.heartbeat);
+        let start = Instant::now();
+        // Frame reads are not cancel-safe, so each source runs in its own task
+        // and the loop below only selects on a channel and timers.
+        let (tx, mut events) = tokio::sync::mpsc::channel::<Event>(256);
+        let readers = [
+            tokio::spawn(forward(ctl_rx, tx.clone(), Event::Control)),
+            tokio::spawn(forward(data_rx, tx.clone(), Event::Data)),
+            tokio::spawn(forward_datagrams(conn.clone(), tx)),
+        ];
+        let _abort = AbortOnDrop(readers);
+        let mut data_open = true;
+        loop {
+            let silence = last_heard.elapsed();
+            if silence > self.cfg.peer_timeout {
+                return Ok(SessionEnd::PrimaryLost(format!("silent for {silence:?}")));
+            }
+            let budget = self.cfg.peer_timeout - silence;
+            let event = tokio::select! {
+                e = events.recv() => e.unwrap_or(Event::Closed),
+                _ = hb.tick() => Event::Tick,
+                _ = tokio::time::sleep(budget) => Event::Tick,
+            };
+            let frame = match event {
+                Event::Tick => {
+                    let beat = Frame::new(
+                        0,
+                        Body::Heartbeat(wire::Heartbeat {
+                            sent_at_nanos: start.elapsed().as_nanos() as u64,
+                            last_committed_epoch: self.committed_epoch(),
+                        }),
+                    );
+                    if let Err(e) = conn.send_datagram_frame(&beat) {
+                        return Ok(SessionEnd::PrimaryLost(format!("heartbeat: {e}")));
+                    }
+                    continue;
+                }
+                Event::Closed => return Ok(SessionEnd::PrimaryLost("connection closed".into())),
+                Event::Datagram(Ok(_)) => {
+                    last_heard = Instant::now();
+                    continue;
+                }
+                Event::Datagram(Err(e)) => return Ok(lost_or_bad(e)),
+                Event::Control(Ok(Some(f))) => f,
+                Event::Data(Ok(Some(f))) => f,
+                Event::Control(Ok(None)) => {
+                    return Ok(SessionEnd::PrimaryLost("control stream closed".into()))
+                }
+                Event::Data(Ok(None)) => {
+                    if data_open {
+                        data_open = false;
+                    }
+                    continue;
+                }
+                Event::Control(Err(e)) | Event::Data(Err(e)) => return Ok(lost_or_bad(e)),
+            };
+            last_heard = Instant::now();
+            if let Err(e) = self.on_frame(frame, &mut pending, &mut ctl_tx).await {
+                let discarded = pending.len() as u64;
+                self.status
+                    .discarded
+                    .fetch_add(discarded, Ordering::Relaxed);
+                metrics::counter!("castor_backup_epochs_discarded_total").increment(discarded);
+                let msg = e.to_string();
+                log::error!(
+                    "rejecting the primary's data: {msg}; discarding {discarded} partial epoch(s)"
+                );
+                let _ = ctl_tx
+                    .send(&Frame::new(
+                        0,
+                        Body::Error(wire::ErrorFrame {
+                            code: 1,
+                            message: msg.chars().take(1000).collect(),
+                        }),
+                    ))
+                    .await;
+                return match e {
+                    BackupError::Transport(t) => Ok(lost_or_bad(t)),
+                    BackupError::Vmm(v) => Err(BackupError::Vmm(v)),
+                    other => Ok(SessionEnd::ProtocolError(other.to_string())),
+                };
+            }
+        }
+    }
+
+    async fn on_frame(
+        &mut self,
+        frame: Frame,
+        pending: &mut BTreeMap<u64, EpochAssembler>,
+        ctl_tx: &mut FrameSender,
+    ) -> Result<(), BackupError> {
+        let replica = self
+            .replica
+            .as_mut()
+            .ok_or_else(|| BackupError::Protocol("no replica".into()))?;
+        let t = frame.body.frame_type();
+        match (&frame.body, frame.epoch) {
+            (Body::Heartbeat(_), _) => return Ok(()),
+            (Body::Error(e), _) => {
+                return Err(BackupError::Protocol(format!(
+                    "primary error {}: {}",
+                    e.code, e.message
+                )))
+            }
+            (Body::PageBatch(_), 0) => {
+                let mut buf = Vec::new();
+                frame.encode(&mut buf).map_err(CheckpointError::from)?;
+                let (f, _) = wire::decode(&buf, replica.limits()).map_err(CheckpointError::from)?;
+                if let wire::BodyRef::PageBatch(b) = f.body {
+                    replica.apply_sync_batch(&b)?;
+                }
+                return Ok(());
+            }
+            _ if t == FrameType::EpochEnd || t.is_epoch_data() => {}
+            _ => {
+                return Err(BackupError::Protocol(format!(
+                    "unexpected {t:?} frame in a session"
+                )))
+            }
+        }
+        let e = frame.epoch;
+        if e <= replica.committed_epoch() {
+            return Err(BackupError::Protocol(format!(
+                "frame of epoch {e}, already committed {}",
+                replica.committed_epoch()
+            )));
+        }
+        if !pending.contains_key(&e) && pending.len() >= self.cfg.max_epochs_buffered {
+            return Err(BackupError::Protocol(format!(
+                "more than {} epochs in flight",
+                self.cfg.max_epochs_buffered
+            )));
+        }
+        let asm = pending
+            .entry(e)
+            .or_insert_with(|| EpochAssembler::new(e, self.cfg.max_epoch_bytes));
+        asm.add_owned(&frame)?;
+        // Commit, in order, every epoch that is complete.
+        while let Some((&first, asm)) = pending.iter().next() {
+            match asm.status() {
+                None => break,
+                Some(Err(err)) => return Err(err.into()),
+                Some(Ok(())) => {}
+            }
+            if !replica.is_next(first) {
+                break;
+            }
+            let Some(asm) = pending.remove(&first) else {
+                break;
+            };
+            let t = Instant::now();
+            let info = match replica.commit(&asm, memory_digest) {
+                Ok(info) => info,
+                Err(e @ CheckpointError::MemoryMismatch { .. }) => {
+                    self.status.verify_failures.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("castor_verify_failures_total").increment(1);
+                    log::error!("MEMORY VERIFICATION FAILED: {e}");
+                    return Err(e.into());
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if info.memory_verified {
+                self.status.verified.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("castor_verify_ok_total").increment(1);
+            }
+            if let Some(log) = self.commit_log.as_mut() {
+                log(first);
+            }
+            self.status.committed.store(first, Ordering::Relaxed);
+            self.status.commits.fetch_add(1, Ordering::Relaxed);
+            metrics::histogram!("castor_commit_seconds").record(t.elapsed().as_secs_f64());
+            metrics::gauge!("castor_committed_epoch").set(first as f64);
+            ctl_tx.send(&Frame::new(first, Body::Ack)).await?;
+        }
+        Ok(())
+    }
+
+    /// Takes over: restores the last committed state into the replica VM
+    /// (its memory is already in place) and hands back the VM, still paused,
+    /// with the committed checkpoint's held output for re-emission.
+    pub fn take_over(&mut self) -> Result<Takeover, BackupError> {
+        let replica = self.replica.as_ref().ok_or(BackupError::NothingCommitted)?;
+        let state: &VmState = replica.state().ok_or(BackupError::NothingCommitted)?;
+        let vm = self.vm.clone().ok_or(BackupError::NothingCommitted)?;
+        let t = Instant::now();
+        vm.restore_state(state)?;
+        Ok(Takeover {
+            vm,
+            epoch: replica.committed_epoch(),
+            output: replica.output().clone(),
+            restore: t.elapsed(),
+        })
+    }
+}
+
+/// What [`Backup::take_over`] returns.
+pub struct Takeover {
+    /// The restored VM, paused: resume it after re-emitting `output`.
+    pub vm: Arc<Vm>,
+    /// The epoch it was restored from.
+    pub epoch: u64,
+    /// The held output of that checkpoint.
+    pub output: CommittedOutput,
+    /// How long the state restore took.
+    pub restore: Duration,
+}
+
+enum Event {
+    Control(Result<Option<Frame>, TransportError>),
+    Data(Result<Option<Frame>, TransportError>),
+    Datagram(Result<Frame, TransportError>),
+    Tick,
+    Closed,
+}
+
+/// Reads frames from one stream into the event channel until it ends.
+async fn forward(
+    mut rx: FrameReceiver,
+    tx: tokio::sync::mpsc::Sender<Event>,
+    wrap: fn(Result<Option<Frame>, TransportError>) -> Event,
+) {
+    loop {
+        let r = rx.recv_owned().await;
+        let last = !matches!(r, Ok(Some(_)));
+        if tx.send(wrap(r)).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+async fn forward_datagrams(conn: Arc<Connection>, tx: tokio::sync::mpsc::Sender<Event>) {
+    loop {
+        let r = conn.recv_datagram_frame().await;
+        let last = r.is_err();
+        if tx.send(Event::Datagram(r)).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+struct AbortOnDrop<const N: usize>([tokio::task::JoinHandle<()>; N]);
+
+impl<const N: usize> Drop for AbortOnDrop<N> {
+    fn drop(&mut self) {
+        for h in &self.0 {
+            h.abort();
+        }
+    }
+}
+
+fn lost_or_bad(e: TransportError) -> SessionEnd {
+    match e.wire_error() {
+        Some(w) => SessionEnd::ProtocolError(format!("malformed frame: {w}")),
+        None => SessionEnd::PrimaryLost(e.to_string()),
+    }
+}
