@@ -51,6 +51,16 @@ pub struct ReplicationSection {
     pub dirty_tracking: String,
 }
 
+/// `[log]` of backup.toml.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// Append one line per committed epoch, `EPOCH UNIX_NANOS`, to this file
+    /// (relative to the config file), written before the epoch's Ack is sent:
+    /// the record observers check released output against. Absent = none.
+    pub commit_log: Option<PathBuf>,
+}
+
 /// `[takeover]` of backup.toml.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -86,6 +96,9 @@ pub struct File {
     /// `[takeover]`.
     #[serde(default)]
     pub takeover: TakeoverSection,
+    /// `[log]`.
+    #[serde(default)]
+    pub log: LogSection,
 }
 
 fn default_hb() -> u64 {
@@ -124,6 +137,8 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// Re-emit held output on takeover.
     pub reemit_output: bool,
+    /// Commit log file.
+    pub commit_log: Option<PathBuf>,
 }
 
 impl Config {
@@ -183,6 +198,7 @@ impl Config {
                 .map_err(|m| bad("output.max_held", m))? as usize,
             metrics: f.metrics.listen,
             reemit_output: f.takeover.reemit_output,
+            commit_log: f.log.commit_log.map(|p| dir.join(p)),
         })
     }
 }
@@ -251,6 +267,19 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             Ok(Arc::new(vm))
         }),
     );
+    if let Some(path) = &cfg.commit_log {
+        use std::io::Write;
+        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        backup.set_commit_log(Box::new(move |epoch| {
+            let ns = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            if let Err(e) = writeln!(file, "{epoch} {ns}").and_then(|_| file.flush()) {
+                log::warn!("commit log: {e}");
+            }
+        }));
+    }
     let listener = {
         let _g = rt.enter();
         transport::listen(cfg.listen, &identity, &peer, &TransportConfig::default())?
@@ -292,7 +321,7 @@ fn take_over(
     let t = backup.take_over()?;
     let release: Arc<dyn Release> = Arc::new(UdpRelease::new(cfg.release_to)?);
     if cfg.reemit_output && !t.output.items.is_empty() {
-        release.release(&t.output.items);
+        release.release(t.epoch, &t.output.items);
     }
     let next_seq = t.output.next_seq;
     let buffer = Arc::new(castor_net_buffer::OutputBuffer::new(

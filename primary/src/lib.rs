@@ -49,7 +49,7 @@ impl OutputSink for BufferedSink {
         match self.buffer.try_push(r.to_bytes().to_vec()) {
             Ok(castor_net_buffer::Pushed::Held(_)) => Emit::Accepted,
             Ok(castor_net_buffer::Pushed::PassThrough(item)) => {
-                self.release.release(&[(item.seq, item.data)]);
+                self.release.release(0, &[(item.seq, item.data)]);
                 Emit::Accepted
             }
             Err(PushError::Full(_)) => Emit::Busy,
@@ -59,7 +59,8 @@ impl OutputSink for BufferedSink {
 }
 
 /// Released output goes to a UDP address: one datagram per item,
-/// `seq (u64 LE) || item bytes`.
+/// `seq (u64 LE) || epoch (u64 LE) || item bytes`, where `epoch` is the
+/// acknowledged epoch that released it (0: released unprotected).
 pub struct UdpRelease {
     socket: UdpSocket,
     to: SocketAddr,
@@ -81,11 +82,12 @@ impl UdpRelease {
 }
 
 impl Release for UdpRelease {
-    fn release(&self, items: &[(u64, Vec<u8>)]) {
+    fn release(&self, epoch: u64, items: &[(u64, Vec<u8>)]) {
         let mut buf = Vec::with_capacity(64);
         for (seq, data) in items {
             buf.clear();
             buf.extend_from_slice(&seq.to_le_bytes());
+            buf.extend_from_slice(&epoch.to_le_bytes());
             buf.extend_from_slice(data);
             if let Err(e) = self.socket.send_to(&buf, self.to) {
                 log::warn!("releasing output item {seq} to {}: {e}", self.to);
@@ -173,7 +175,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                     let items: Vec<(u64, Vec<u8>)> =
                         released.iter().map(|i| (i.seq, i.data.clone())).collect();
                     if !items.is_empty() {
-                        sink.release.release(&items);
+                        sink.release.release(0, &items);
                     }
                 }
             }

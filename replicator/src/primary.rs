@@ -110,13 +110,35 @@ impl Default for PrimaryConfig {
 
 /// Where released output goes: the outside world.
 pub trait Release: Send + Sync {
-    /// Items whose epoch was acknowledged, in sequence order.
-    fn release(&self, items: &[(u64, Vec<u8>)]);
+    /// Items `(seq, bytes)` in sequence order, released because the backup
+    /// acknowledged epoch `epoch` (every item belongs to an epoch `<= epoch`).
+    /// `epoch == 0` means the output is released unprotected (no backup).
+    fn release(&self, epoch: u64, items: &[(u64, Vec<u8>)]);
 }
+
+/// One epoch's figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EpochSample {
+    /// The epoch.
+    pub epoch: u64,
+    /// Time the guest was paused for it.
+    pub pause: Duration,
+    /// Dirty pages staged.
+    pub dirty_pages: u64,
+    /// Bytes of frames sent for it.
+    pub wire_bytes: u64,
+    /// Pause to Ack; `None` until acknowledged.
+    pub ack_latency: Option<Duration>,
+}
+
+/// Most epoch samples kept.
+pub const HISTORY: usize = 1 << 16;
 
 /// Live figures of the pipeline (for status displays; metrics go to `metrics`).
 #[derive(Debug, Default)]
 pub struct PrimaryStatus {
+    /// The last [`HISTORY`] epochs' figures, oldest first.
+    pub history: Mutex<VecDeque<EpochSample>>,
     /// Last epoch staged.
     pub epoch: AtomicU64,
     /// Last epoch acknowledged.
@@ -454,7 +476,7 @@ impl Primary {
             let items: Vec<(u64, Vec<u8>)> =
                 released.iter().map(|i| (i.seq, i.data.clone())).collect();
             if !items.is_empty() {
-                self.release.release(&items);
+                self.release.release(epoch, &items);
             }
             self.acked = epoch;
             self.status.acked.store(epoch, Ordering::Relaxed);
@@ -704,7 +726,7 @@ async fn ack_task(
                         let items: Vec<(u64, Vec<u8>)> =
                             released.iter().map(|i| (i.seq, i.data.clone())).collect();
                         if !items.is_empty() {
-                            release.release(&items);
+                            release.release(e, &items);
                         }
                     }
                     Err(err) => {

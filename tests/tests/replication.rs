@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 #[derive(Default)]
 struct Collect(Mutex<Vec<(u64, Vec<u8>)>>);
 impl Release for Collect {
-    fn release(&self, items: &[(u64, Vec<u8>)]) {
+    fn release(&self, _epoch: u64, items: &[(u64, Vec<u8>)]) {
         self.0.lock().unwrap().extend_from_slice(items);
     }
 }
