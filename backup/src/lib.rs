@@ -318,8 +318,15 @@ fn take_over(
     switch: &SwitchSink,
     detected: Instant,
 ) -> Result<(), DaemonError> {
+    let detected_unix = unix_seconds();
+    metrics::gauge!("castor_takeover_detected_unix_seconds").set(detected_unix);
     let t = backup.take_over()?;
-    let release: Arc<dyn Release> = Arc::new(UdpRelease::new(cfg.release_to)?);
+    let udp: Arc<dyn Release> = Arc::new(UdpRelease::new(cfg.release_to)?);
+    let release: Arc<dyn Release> = Arc::new(FirstOutput {
+        inner: udp,
+        since: detected,
+        seen: std::sync::atomic::AtomicBool::new(false),
+    });
     if cfg.reemit_output && !t.output.items.is_empty() {
         release.release(t.epoch, &t.output.items);
     }
@@ -336,6 +343,9 @@ fn take_over(
     let total = detected.elapsed();
     metrics::counter!("castor_failovers_total").increment(1);
     metrics::histogram!("castor_failover_restore_seconds").record(t.restore.as_secs_f64());
+    metrics::gauge!("castor_takeover_restore_seconds").set(t.restore.as_secs_f64());
+    metrics::gauge!("castor_takeover_resume_seconds").set(total.as_secs_f64());
+    metrics::gauge!("castor_takeover_epoch").set(t.epoch as f64);
     log::warn!(
         "TAKEOVER complete: resumed from epoch {} (state restore {:?}, detection to resume {:?}); \
          re-emitted {} held output item(s); running UNPROTECTED",
@@ -346,5 +356,31 @@ fn take_over(
     );
     loop {
         std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Passes releases through and reports the first one after a takeover
+/// (metric `castor_takeover_first_output_seconds`, from detection, and a log line).
+struct FirstOutput {
+    inner: Arc<dyn Release>,
+    since: Instant,
+    seen: std::sync::atomic::AtomicBool,
+}
+
+impl Release for FirstOutput {
+    fn release(&self, epoch: u64, items: &[(u64, Vec<u8>)]) {
+        self.inner.release(epoch, items);
+        if !items.is_empty() && !self.seen.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            let d = self.since.elapsed();
+            metrics::gauge!("castor_takeover_first_output_seconds").set(d.as_secs_f64());
+            log::warn!("TAKEOVER first output released {d:?} after detection (epoch label {epoch})");
+        }
     }
 }

@@ -4,6 +4,7 @@
 mod harvest;
 mod net;
 mod pause;
+mod replicate;
 mod report;
 
 use clap::{Parser, Subcommand};
@@ -29,6 +30,8 @@ enum Bench {
     Harvest(harvest::Args),
     /// Guest TCP over virtio-net + tap: stream throughput and echo latency.
     Net(net::Args),
+    /// Checkpoint replication over QUIC loopback: pause, ack latency, wire bytes, guest slowdown.
+    Replicate(replicate::Args),
 }
 
 fn main() {
@@ -38,6 +41,7 @@ fn main() {
         Bench::Pause(a) => pause::run(&a, &out),
         Bench::Harvest(a) => harvest::run(&a, &out),
         Bench::Net(a) => net::run(&a, &out),
+        Bench::Replicate(a) => replicate::run(&a, &out),
     };
     if let Err(e) = result {
         eprintln!("castor-bench: {e}");

@@ -2,6 +2,8 @@
 //! the library crates (vmm, replicator, primary, backup).
 
 mod daemons;
+mod demo;
+mod drill;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -27,6 +29,12 @@ enum Command {
     Backup(daemons::ConfigArg),
     /// Write a TLS key pair (NAME.crt, NAME.key) for one host.
     Keygen(daemons::KeygenArgs),
+    /// Receive released output and check that the world saw one history.
+    Observe(castor::observe::ObserveArgs),
+    /// Start a pair on this machine, kill the primary, watch the backup take over.
+    Demo(demo::DemoArgs),
+    /// Trigger a failover of a running pair and check the invariant.
+    Drill(drill::DrillArgs),
 }
 
 fn main() {
@@ -39,6 +47,9 @@ fn main() {
         Command::Primary(a) => daemons::primary(&a),
         Command::Backup(a) => daemons::backup(&a),
         Command::Keygen(a) => daemons::keygen(&a),
+        Command::Observe(a) => castor::observe::observe_command(&a),
+        Command::Demo(a) => demo::demo(&a),
+        Command::Drill(a) => drill::drill(&a),
     };
     if let Err(e) = result {
         eprintln!("castor: error: {e}");

@@ -99,8 +99,8 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 5.0)]
     pub seconds: f64,
     /// Dirty tracking: none, bitmap (KVM dirty bitmap, manual protect), ring
-    /// (KVM dirty ring) or auto (the ring where KVM offers it, else the
-    /// bitmap). With tracking on, the pages dirtied each second are reported.
+    /// (KVM dirty ring) or auto (the bitmap where KVM offers manual protect,
+    /// else the ring: the bitmap measured faster for typical epochs). With tracking on, the pages dirtied each second are reported.
     #[arg(long, default_value = "none")]
     pub dirty_tracking: String,
 }

@@ -165,12 +165,11 @@ pub(crate) fn reset_dirty_rings(vm: &VmFd) -> Result<u32> {
     // here to leave a harvested page writable, so its next write was never
     // logged. A signal sent meanwhile is delivered when the mask is restored.
     let _blocked = SignalsBlocked::new();
-    let mut total = 0u32;
     loop {
         // SAFETY: an argument-less ioctl on a VM fd we hold.
         let ret = unsafe { vmm_sys_util::ioctl::ioctl(vm, KVM_RESET_DIRTY_RINGS()) };
         if ret >= 0 {
-            return Ok(total.saturating_add(ret as u32));
+            return Ok(ret as u32);
         }
         let err = std::io::Error::last_os_error();
         // Recent kernels stop a reset when a signal is pending (our vCPU

@@ -222,7 +222,18 @@ impl Backup {
         ctl_tx.send(&Frame::new(0, Body::Hello(reply))).await?;
         let data_rx = conn.accept_data().await?;
         let conn = Arc::new(conn);
-        let end = self.session(conn.clone(), ctl_tx, ctl_rx, data_rx).await;
+        let bad_frame: BadFrame = Arc::new(std::sync::Mutex::new(None));
+        let mut end = self
+            .session(conn.clone(), ctl_tx, ctl_rx, data_rx, bad_frame.clone())
+            .await;
+        // A malformed frame tears the connection down from both ends; whatever
+        // failed first here, the malformed frame is the cause.
+        if let Ok(SessionEnd::PrimaryLost(_)) = &end {
+            if let Some(why) = bad_frame.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                self.status.discarded.fetch_add(1, Ordering::Relaxed);
+                end = Ok(SessionEnd::ProtocolError(why));
+            }
+        }
         match &end {
             Ok(SessionEnd::ProtocolError(why)) => {
                 log::warn!(
@@ -246,6 +257,7 @@ impl Backup {
         mut ctl_tx: FrameSender,
         ctl_rx: FrameReceiver,
         data_rx: FrameReceiver,
+        bad_frame: BadFrame,
     ) -> Result<SessionEnd, BackupError> {
         let mut pending: BTreeMap<u64, EpochAssembler> = BTreeMap::new();
         let mut last_heard = Instant::now();
@@ -255,8 +267,8 @@ impl Backup {
         // and the loop below only selects on a channel and timers.
         let (tx, mut events) = tokio::sync::mpsc::channel::<Event>(256);
         let readers = [
-            tokio::spawn(forward(ctl_rx, tx.clone(), Event::Control)),
-            tokio::spawn(forward(data_rx, tx.clone(), Event::Data)),
+            tokio::spawn(forward(ctl_rx, tx.clone(), Event::Control, bad_frame.clone())),
+            tokio::spawn(forward(data_rx, tx.clone(), Event::Data, bad_frame)),
             tokio::spawn(forward_datagrams(conn.clone(), tx)),
         ];
         let _abort = AbortOnDrop(readers);
@@ -464,14 +476,26 @@ enum Event {
     Closed,
 }
 
+/// The first malformed frame a reader saw, if any.
+type BadFrame = Arc<std::sync::Mutex<Option<String>>>;
+
 /// Reads frames from one stream into the event channel until it ends.
 async fn forward(
     mut rx: FrameReceiver,
     tx: tokio::sync::mpsc::Sender<Event>,
     wrap: fn(Result<Option<Frame>, TransportError>) -> Event,
+    bad_frame: BadFrame,
 ) {
     loop {
         let r = rx.recv_owned().await;
+        if let Err(e) = &r {
+            if let Some(w) = e.wire_error() {
+                log::error!("malformed frame from the primary: {w}");
+                metrics::counter!("castor_backup_bad_frames_total").increment(1);
+                let mut slot = bad_frame.lock().unwrap_or_else(|e| e.into_inner());
+                slot.get_or_insert_with(|| format!("malformed frame: {w}"));
+            }
+        }
         let last = !matches!(r, Ok(Some(_)));
         if tx.send(wrap(r)).await.is_err() || last {
             return;

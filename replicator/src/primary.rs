@@ -72,9 +72,27 @@ pub enum PrimaryError {
     Stopped,
 }
 
+/// A fault to inject into one epoch's data frames, inside the encrypted
+/// channel (a network proxy cannot alter frames under QUIC's AEAD), to test
+/// that the backup rejects them and the pair recovers. Testing only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Flip a byte in the first data frame's payload (CRC mismatch).
+    Corrupt,
+    /// Send only the first half of the first data frame.
+    Truncate,
+    /// Send the first data frame twice (tally mismatch).
+    Duplicate,
+    /// Swap the first two data frames (tolerated: the tally is order-free).
+    Reorder,
+}
+
 /// Primary pipeline settings.
 #[derive(Clone, Debug)]
 pub struct PrimaryConfig {
+    /// Testing only: inject `Fault` into the data frames of that epoch (once:
+    /// the next session runs clean).
+    pub fault: Option<(u64, Fault)>,
     /// Time between pauses.
     pub epoch_interval: Duration,
     /// Epochs sent but not yet acknowledged before the next pause waits.
@@ -104,6 +122,7 @@ impl Default for PrimaryConfig {
             precopy_stop_pages: 2048,
             heartbeat: Duration::from_millis(10),
             peer_timeout: Duration::from_millis(100),
+            fault: None,
         }
     }
 }
@@ -310,16 +329,14 @@ impl Primary {
             }
         );
         self.encoder.invalidate_all();
-        // Epochs in flight are counted from what this backup holds.
-        let base_acked = if incremental {
-            backup_committed
-        } else {
-            self.epoch
-        };
+        // Epochs in flight are counted on this connection only: epochs staged in
+        // a dead session are never acked one by one (the resync checkpoint
+        // carries their pages and output).
+        let base_acked = self.epoch;
         if incremental {
             self.on_ack(backup_committed)?;
         } else {
-            // A fresh replica: restart epoch numbering relative to it.
+            // A fresh replica: unprotected until its first commit.
             self.status.protected.store(false, Ordering::Relaxed);
         }
 
@@ -332,7 +349,7 @@ impl Primary {
         });
         let data_tx = rt.block_on(conn.open_data())?;
         let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Outgoing>(self.cfg.max_in_flight + 2);
-        let sender = rt.spawn(send_task(data_tx, ctl_tx, out_rx, board.clone()));
+        let sender = rt.spawn(send_task(data_tx, ctl_tx, out_rx, board.clone(), self.cfg.fault.take()));
         let acker = rt.spawn(ack_task(
             ctl_rx,
             board.clone(),
@@ -671,8 +688,15 @@ async fn send_task(
     mut ctl_tx: FrameSender,
     mut rx: tokio::sync::mpsc::Receiver<Outgoing>,
     board: Arc<AckBoard>,
+    fault: Option<(u64, Fault)>,
 ) {
-    while let Some(o) = rx.recv().await {
+    while let Some(mut o) = rx.recv().await {
+        if let Some((at, f)) = fault {
+            if o.epoch == at && !o.end.is_empty() {
+                log::warn!("fault injection: {f:?} in epoch {at}'s data frames");
+                o.data = inject(f, o.data);
+            }
+        }
         if !o.end.is_empty() {
             board
                 .sent_at
@@ -796,6 +820,55 @@ async fn heartbeat_task(
         {
             *board.last_heard.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         }
+    }
+}
+
+/// Applies a [`Fault`] to a buffer of whole frames.
+fn inject(fault: Fault, data: Vec<u8>) -> Vec<u8> {
+    let limits = wire::Limits {
+        max_payload: u32::MAX,
+        ..Default::default()
+    };
+    let mut bounds = Vec::new();
+    let mut off = 0;
+    while off < data.len() {
+        match wire::Header::parse(&data[off..], &limits) {
+            Ok(h) => {
+                bounds.push((off, off + h.frame_len()));
+                off += h.frame_len();
+            }
+            Err(_) => break,
+        }
+    }
+    let Some(&(a0, a1)) = bounds.first() else {
+        return data;
+    };
+    match fault {
+        Fault::Corrupt => {
+            let mut d = data;
+            let i = (a0 + wire::HEADER_LEN + 4).min(a1 - 1);
+            d[i] ^= 0xa5;
+            d
+        }
+        Fault::Truncate => {
+            let mut d = data[..a0 + (a1 - a0) / 2].to_vec();
+            d.extend_from_slice(&data[a1..]);
+            d
+        }
+        Fault::Duplicate => {
+            let mut d = data[a0..a1].to_vec();
+            d.extend_from_slice(&data);
+            d
+        }
+        Fault::Reorder => match bounds.get(1) {
+            Some(&(b0, b1)) => {
+                let mut d = data[b0..b1].to_vec();
+                d.extend_from_slice(&data[a0..a1]);
+                d.extend_from_slice(&data[b1..]);
+                d
+            }
+            None => data,
+        },
     }
 }
 

@@ -355,7 +355,7 @@ fn vmm_writes_are_harvested() {
             "{mode}: restarted tracking sees nothing"
         );
         if mode == DirtyTracking::Auto {
-            assert_eq!(vm.dirty_backend(), Some(DirtyBackend::Ring));
+            assert_eq!(vm.dirty_backend(), Some(DirtyBackend::Bitmap));
         }
     }
 }
