@@ -1,6 +1,7 @@
 //! `castor-bench`: one subcommand per benchmark. Each prints a table, or with
 //! `--json` one JSON object per result row.
 
+mod failover;
 mod harvest;
 mod net;
 mod pause;
@@ -24,6 +25,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Bench {
+    /// Failover time: SIGKILL of the primary to the first output of the new primary (real processes).
+    Failover(failover::Args),
     /// Pause latency: pause() call to every vCPU out of KVM_RUN, under load.
     Pause(pause::Args),
     /// Dirty-page harvest cost per backend, guest size and dirty pages per epoch.
@@ -38,6 +41,7 @@ fn main() {
     let cli = Cli::parse();
     let out = report::Output::new(cli.json);
     let result = match cli.bench {
+        Bench::Failover(a) => failover::run(&a, &out),
         Bench::Pause(a) => pause::run(&a, &out),
         Bench::Harvest(a) => harvest::run(&a, &out),
         Bench::Net(a) => net::run(&a, &out),

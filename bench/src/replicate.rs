@@ -21,7 +21,7 @@
 //!
 //! Guest slowdown: the same guest config (no dirty tracking, no replication)
 //! runs unprotected for the same duration, after a warm-up as long as the
-//! protected run's synchronisation took; page-touch rates come from the
+//! protected run's synchronisation took (at most 3 s); page-touch rates come from the
 //! guest's records (each carries its vCPU's cumulative touch count).
 //! The dirtier's rate is a cap, so the achieved touch rates are reported too.
 
@@ -310,10 +310,13 @@ struct Protected {
     epochs: Vec<EpochFig>,
 }
 
+/// Longest warm-up of the unprotected run (it mirrors the protected run's
+/// synchronisation time, so both guests have run as long when measured).
+const MAX_WARMUP: Duration = Duration::from_secs(3);
 /// How long the pair may take to synchronise before the cell fails.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(60);
 /// Peer timeouts of both sides (loopback, but 2 cores shared with the guest).
-const PEER_TIMEOUT: Duration = Duration::from_secs(2);
+const PEER_TIMEOUT: Duration = Duration::from_secs(5);
 
 type BackupOutcome = Result<(SessionEnd, u64, u64, u64), String>;
 
@@ -724,7 +727,7 @@ pub fn run(args: &Args, out: &Output) -> Result<(), String> {
                     args.verify_every,
                 )
                 .map_err(|e| format!("{cell}: {e}"))?;
-                let base = unprotected(&guest, p.sync, args.seconds)
+                let base = unprotected(&guest, p.sync.min(MAX_WARMUP), args.seconds)
                     .map_err(|e| format!("{cell} (unprotected run): {e}"))?;
                 if base <= 0.0 {
                     return Err(format!("{cell}: the unprotected guest made no progress"));

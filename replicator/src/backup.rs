@@ -260,49 +260,53 @@ impl Backup {
         bad_frame: BadFrame,
     ) -> Result<SessionEnd, BackupError> {
         let mut pending: BTreeMap<u64, EpochAssembler> = BTreeMap::new();
-        let mut last_heard = Instant::now();
-        let mut hb = tokio::time::interval(self.cfg.heartbeat);
         let start = Instant::now();
+        // Liveness is judged by when frames *arrive* (stamped by the reader
+        // tasks), not when this loop gets to them: a long commit is not silence.
+        let arrived = Arc::new(AtomicU64::new(0));
+        let heartbeats = tokio::spawn(heartbeat_sender(
+            conn.clone(),
+            self.cfg.heartbeat,
+            self.status.clone(),
+        ));
+        let _hb_abort = AbortOnDrop([heartbeats]);
         // Frame reads are not cancel-safe, so each source runs in its own task
         // and the loop below only selects on a channel and timers.
         let (tx, mut events) = tokio::sync::mpsc::channel::<Event>(256);
         let readers = [
-            tokio::spawn(forward(ctl_rx, tx.clone(), Event::Control, bad_frame.clone())),
-            tokio::spawn(forward(data_rx, tx.clone(), Event::Data, bad_frame)),
-            tokio::spawn(forward_datagrams(conn.clone(), tx)),
+            tokio::spawn(forward(
+                ctl_rx,
+                tx.clone(),
+                Event::Control,
+                bad_frame.clone(),
+                Stamp(arrived.clone(), start),
+            )),
+            tokio::spawn(forward(
+                data_rx,
+                tx.clone(),
+                Event::Data,
+                bad_frame,
+                Stamp(arrived.clone(), start),
+            )),
+            tokio::spawn(forward_datagrams(conn.clone(), tx, Stamp(arrived.clone(), start))),
         ];
         let _abort = AbortOnDrop(readers);
         let mut data_open = true;
         loop {
-            let silence = last_heard.elapsed();
+            let last = Duration::from_nanos(arrived.load(Ordering::Acquire));
+            let silence = start.elapsed().saturating_sub(last);
             if silence > self.cfg.peer_timeout {
                 return Ok(SessionEnd::PrimaryLost(format!("silent for {silence:?}")));
             }
             let budget = self.cfg.peer_timeout - silence;
             let event = tokio::select! {
                 e = events.recv() => e.unwrap_or(Event::Closed),
-                _ = hb.tick() => Event::Tick,
                 _ = tokio::time::sleep(budget) => Event::Tick,
             };
             let frame = match event {
-                Event::Tick => {
-                    let beat = Frame::new(
-                        0,
-                        Body::Heartbeat(wire::Heartbeat {
-                            sent_at_nanos: start.elapsed().as_nanos() as u64,
-                            last_committed_epoch: self.committed_epoch(),
-                        }),
-                    );
-                    if let Err(e) = conn.send_datagram_frame(&beat) {
-                        return Ok(SessionEnd::PrimaryLost(format!("heartbeat: {e}")));
-                    }
-                    continue;
-                }
+                Event::Tick => continue,
                 Event::Closed => return Ok(SessionEnd::PrimaryLost("connection closed".into())),
-                Event::Datagram(Ok(_)) => {
-                    last_heard = Instant::now();
-                    continue;
-                }
+                Event::Datagram(Ok(_)) => continue,
                 Event::Datagram(Err(e)) => return Ok(lost_or_bad(e)),
                 Event::Control(Ok(Some(f))) => f,
                 Event::Data(Ok(Some(f))) => f,
@@ -317,7 +321,6 @@ impl Backup {
                 }
                 Event::Control(Err(e)) | Event::Data(Err(e)) => return Ok(lost_or_bad(e)),
             };
-            last_heard = Instant::now();
             if let Err(e) = self.on_frame(frame, &mut pending, &mut ctl_tx).await {
                 let discarded = pending.len() as u64;
                 self.status
@@ -476,6 +479,35 @@ enum Event {
     Closed,
 }
 
+/// Marks "a frame arrived now" on the session's arrival clock.
+struct Stamp(Arc<AtomicU64>, Instant);
+
+impl Stamp {
+    fn now(&self) {
+        self.0
+            .fetch_max(self.1.elapsed().as_nanos() as u64, Ordering::AcqRel);
+    }
+}
+
+/// Sends a heartbeat datagram every `period`, independently of commits.
+async fn heartbeat_sender(conn: Arc<Connection>, period: Duration, status: Arc<BackupStatus>) {
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        let beat = Frame::new(
+            0,
+            Body::Heartbeat(wire::Heartbeat {
+                sent_at_nanos: start.elapsed().as_nanos() as u64,
+                last_committed_epoch: status.committed.load(Ordering::Relaxed),
+            }),
+        );
+        if conn.send_datagram_frame(&beat).is_err() {
+            return;
+        }
+    }
+}
+
 /// The first malformed frame a reader saw, if any.
 type BadFrame = Arc<std::sync::Mutex<Option<String>>>;
 
@@ -485,9 +517,11 @@ async fn forward(
     tx: tokio::sync::mpsc::Sender<Event>,
     wrap: fn(Result<Option<Frame>, TransportError>) -> Event,
     bad_frame: BadFrame,
+    stamp: Stamp,
 ) {
     loop {
         let r = rx.recv_owned().await;
+        stamp.now();
         if let Err(e) = &r {
             if let Some(w) = e.wire_error() {
                 log::error!("malformed frame from the primary: {w}");
@@ -503,9 +537,14 @@ async fn forward(
     }
 }
 
-async fn forward_datagrams(conn: Arc<Connection>, tx: tokio::sync::mpsc::Sender<Event>) {
+async fn forward_datagrams(
+    conn: Arc<Connection>,
+    tx: tokio::sync::mpsc::Sender<Event>,
+    stamp: Stamp,
+) {
     loop {
         let r = conn.recv_datagram_frame().await;
+        stamp.now();
         let last = r.is_err();
         if tx.send(Event::Datagram(r)).await.is_err() || last {
             return;

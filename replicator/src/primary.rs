@@ -363,10 +363,12 @@ impl Primary {
             board.clone(),
             self.status.clone(),
         ));
+        let hb_in = rt.spawn(heartbeat_listener(conn.clone(), board.clone()));
 
         let result = self.run_session(incremental, backup_committed, &out_tx, &board);
         drop(out_tx);
         hb.abort();
+        hb_in.abort();
         acker.abort();
         // Give the sender a moment to flush what it has, then drop it.
         let _ =
@@ -814,12 +816,13 @@ async fn heartbeat_task(
             board.fail(format!("heartbeat: {e}"));
             return;
         }
-        // Datagrams from the backup also count as signs of life.
-        while let Ok(Ok(_)) =
-            tokio::time::timeout(Duration::from_micros(1), conn.recv_datagram_frame()).await
-        {
-            *board.last_heard.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
-        }
+    }
+}
+
+/// The backup's heartbeat datagrams are signs of life.
+async fn heartbeat_listener(conn: Arc<Connection>, board: Arc<AckBoard>) {
+    while conn.recv_datagram_frame().await.is_ok() {
+        *board.last_heard.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
     }
 }
 

@@ -192,8 +192,10 @@ fn primary_sigkill_matrix_keeps_one_history() {
     let mut rng = rand::thread_rng();
     let mut by_window = std::collections::BTreeMap::new();
     let mut times = Vec::new();
+    castor_exe();
     let t = Instant::now();
     for i in 0..kills {
+        let ti = Instant::now();
         // A few kills early (initial sync takes ~100-300 ms), most later.
         let delay = if i % 6 == 0 {
             Duration::from_millis(rng.gen_range(0..250))
@@ -201,6 +203,12 @@ fn primary_sigkill_matrix_keeps_one_history() {
             Duration::from_millis(rng.gen_range(250..1200))
         };
         let o = kill_run(delay);
+        eprintln!(
+            "kill {i}: at {delay:?} ({:?}), failover {:?}, run {:.2} s",
+            o.window,
+            o.failover,
+            ti.elapsed().as_secs_f64()
+        );
         *by_window.entry(o.window).or_insert(0) += 1;
         if let Some(f) = o.failover {
             times.push(f);
