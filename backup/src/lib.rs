@@ -269,7 +269,10 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     );
     if let Some(path) = &cfg.commit_log {
         use std::io::Write;
-        let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
         backup.set_commit_log(Box::new(move |epoch| {
             let ns = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -380,7 +383,9 @@ impl Release for FirstOutput {
         if !items.is_empty() && !self.seen.swap(true, std::sync::atomic::Ordering::Relaxed) {
             let d = self.since.elapsed();
             metrics::gauge!("castor_takeover_first_output_seconds").set(d.as_secs_f64());
-            log::warn!("TAKEOVER first output released {d:?} after detection (epoch label {epoch})");
+            log::warn!(
+                "TAKEOVER first output released {d:?} after detection (epoch label {epoch})"
+            );
         }
     }
 }

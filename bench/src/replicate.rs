@@ -21,8 +21,8 @@
 //!
 //! Guest slowdown: the same guest config (no dirty tracking, no replication)
 //! runs unprotected for the same duration, after a warm-up as long as the
-//! protected run's synchronisation took (at most 3 s); page-touch rates come from the
-//! guest's records (each carries its vCPU's cumulative touch count).
+//! protected run's synchronisation took (at most 3 s); page-touch rates come
+//! from the guest's records (each carries its vCPU's cumulative touch count).
 //! The dirtier's rate is a cap, so the achieved touch rates are reported too.
 
 use crate::report::{percentile, Output};

@@ -332,12 +332,10 @@ pub fn scrape(addr: SocketAddr) -> Vec<(String, f64)> {
         return Vec::new();
     };
     let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    if s
-        .write_all(
-            format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .is_err()
+    if s.write_all(
+        format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .is_err()
     {
         return Vec::new();
     }

@@ -261,10 +261,7 @@ fn run(
             }
         }
         if Instant::now() >= next_print {
-            println!(
-                "{}",
-                status.line(t0, "backup", cluster.backup_metrics, obs)
-            );
+            println!("{}", status.line(t0, "backup", cluster.backup_metrics, obs));
             next_print += Duration::from_secs(1);
         }
         std::thread::sleep(Duration::from_millis(5));

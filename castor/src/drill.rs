@@ -70,9 +70,7 @@ fn find_primary(config: &Path) -> Result<i32, String> {
             "no running `castor primary --config {}` found",
             config.display()
         )),
-        many => Err(format!(
-            "several primaries run with that config: {many:?}"
-        )),
+        many => Err(format!("several primaries run with that config: {many:?}")),
     }
 }
 
@@ -160,10 +158,7 @@ pub fn drill(a: &DrillArgs) -> Result<(), String> {
             let t = (Instant::now(), observe::unix_ns());
             // SAFETY: plain kill(2) on a pid we found.
             if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
-                return Err(format!(
-                    "kill {pid}: {}",
-                    std::io::Error::last_os_error()
-                ));
+                return Err(format!("kill {pid}: {}", std::io::Error::last_os_error()));
             }
             t
         }
@@ -230,7 +225,10 @@ pub fn drill(a: &DrillArgs) -> Result<(), String> {
         None => println!("NO output from a new primary after the trigger"),
     }
     let after: Vec<_> = log.iter().filter(|d| d.at >= trigger).collect();
-    let held = after.iter().filter(|d| d.epoch > 0 && d.from != old).count();
+    let held = after
+        .iter()
+        .filter(|d| d.epoch > 0 && d.from != old)
+        .count();
     println!(
         "outputs: {} before the trigger, {} after; re-emitted by the new primary with an epoch label: {held}; duplicated: {}; lost (gaps): {}",
         before.len(),

@@ -453,9 +453,7 @@ pub fn check(log: &[Datagram], commit_log: Option<&CommitLog>, opts: &CheckOptio
             }
         }
     }
-    let allowed = opts
-        .failovers
-        .unwrap_or(v.senders.len().saturating_sub(1));
+    let allowed = opts.failovers.unwrap_or(v.senders.len().saturating_sub(1));
     if batches.len() > allowed {
         v.violations.push(format!(
             "duplicates in {} batches (sender, epoch): {:?}; at most one per failover ({allowed}) is allowed",
@@ -667,7 +665,10 @@ pub fn observe_command(a: &ObserveArgs) -> Result<(), String> {
     let mut last_count = 0usize;
     loop {
         std::thread::sleep(Duration::from_millis(50));
-        if interrupted() || a.duration.is_some_and(|d| start.elapsed().as_secs_f64() >= d) {
+        if interrupted()
+            || a.duration
+                .is_some_and(|d| start.elapsed().as_secs_f64() >= d)
+        {
             break;
         }
         if last_print.elapsed() >= Duration::from_secs(1) {

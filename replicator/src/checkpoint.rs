@@ -123,7 +123,8 @@ pub struct StagedEpoch {
     pub epoch: u64,
     /// Dirty page numbers (guest-physical address / 4 KiB), ascending.
     pub pages: Vec<u64>,
-    /// Their content, `pages.len() * 4096` bytes.
+    /// Their content: page `i` at `i * 4096` (the buffer may be longer: it
+    /// is reused across epochs).
     pub data: Vec<u8>,
     /// The VM's state at the pause, when this epoch carries one.
     pub state: Option<VmState>,

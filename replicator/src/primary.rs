@@ -220,6 +220,11 @@ pub struct Primary {
     unacked_dirty: VecDeque<(u64, Vec<u64>)>,
     stop: Arc<AtomicBool>,
     tracker: String,
+    /// Reused staging buffer (never shrinks), so the pause does not allocate
+    /// and fault in fresh memory every epoch.
+    staging: Vec<u8>,
+    /// When the epoch being staged was paused.
+    paused_at: Instant,
 }
 
 impl Primary {
@@ -247,6 +252,8 @@ impl Primary {
             unacked_dirty: VecDeque::new(),
             stop: Arc::new(AtomicBool::new(false)),
             tracker,
+            staging: Vec::new(),
+            paused_at: Instant::now(),
         }
     }
 
@@ -420,12 +427,27 @@ impl Primary {
             extra.clear();
             self.unacked_dirty
                 .push_back((staged.epoch, staged.pages.clone()));
-            let mut data = Vec::with_capacity(staged.data.len() / 4 + 4096);
+            let mut data = Vec::with_capacity(staged.pages.len() * PAGE / 4 + 4096);
             let mut end = Vec::with_capacity(128);
-            let enc = self.encoder.encode_epoch(&staged, &mut data, &mut end)?;
+            let enc = self.encoder.encode_epoch(&staged, &mut data, &mut end);
+            self.staging = staged.data;
+            let enc = enc?;
             self.status
                 .wire_bytes
                 .fetch_add(enc.wire_bytes, Ordering::Relaxed);
+            {
+                let mut h = self.status.history.lock().unwrap_or_else(|e| e.into_inner());
+                if h.len() >= HISTORY {
+                    h.pop_front();
+                }
+                h.push_back(EpochSample {
+                    epoch: staged.epoch,
+                    pause: Duration::from_micros(self.status.last_pause_us.load(Ordering::Relaxed)),
+                    dirty_pages: enc.pages,
+                    wire_bytes: enc.wire_bytes,
+                    ack_latency: None,
+                });
+            }
             metrics::counter!("castor_wire_bytes_total").increment(enc.wire_bytes);
             metrics::counter!("castor_dirty_bytes_total").increment(enc.pages * PAGE as u64);
             if enc.pages > 0 {
@@ -435,6 +457,7 @@ impl Primary {
             if out
                 .blocking_send(Outgoing {
                     epoch: staged.epoch,
+                    paused_at: self.paused_at,
                     data,
                     end,
                 })
@@ -510,8 +533,11 @@ impl Primary {
     /// `extra`: pages to carry besides the harvested ones (copied in the pause).
     fn stage_epoch(&mut self, extra: &BTreeSet<u64>) -> Result<StagedEpoch, PrimaryError> {
         let epoch = self.epoch + 1;
-        let verify = self.cfg.verify_memory_every > 0 && epoch % self.cfg.verify_memory_every == 0;
+        let verify = self.cfg.verify_memory_every > 0
+            && epoch.is_multiple_of(self.cfg.verify_memory_every);
         let t0 = Instant::now();
+        self.paused_at = t0;
+        let mut data = std::mem::take(&mut self.staging);
         self.vm.pause();
         let staged = (|| -> Result<StagedEpoch, PrimaryError> {
             let mut pages = dirty_pages(&self.vm.harvest_dirty()?);
@@ -520,15 +546,18 @@ impl Primary {
                 all.extend(pages.iter().copied());
                 pages = all.into_iter().collect();
             }
-            let mut data = vec![0u8; pages.len() * PAGE];
-            copy_pages(&self.vm, &pages, &mut data)?;
+            let need = pages.len() * PAGE;
+            if data.len() < need {
+                data.resize(need, 0);
+            }
+            copy_pages(&self.vm, &pages, &mut data[..need])?;
             let state = self.vm.capture_state()?;
             self.output.seal(epoch)?;
             let memory_digest = verify.then(|| memory_digest(self.vm.memory()));
             Ok(StagedEpoch {
                 epoch,
                 pages,
-                data,
+                data: std::mem::take(&mut data),
                 state: Some(state),
                 held: Vec::new(),
                 output_next_seq: self.output.next_seq(),
@@ -598,6 +627,7 @@ impl Primary {
                 if out
                     .blocking_send(Outgoing {
                         epoch: 0,
+                        paused_at: Instant::now(),
                         data: buf,
                         end: Vec::new(),
                     })
@@ -681,6 +711,8 @@ pub fn memory_digest(mem: &castor_vmm::GuestMemoryMmap) -> [u8; 32] {
 
 struct Outgoing {
     epoch: u64,
+    /// When the guest was paused for this epoch (ack latency runs from here).
+    paused_at: Instant,
     data: Vec<u8>,
     end: Vec<u8>,
 }
@@ -704,7 +736,7 @@ async fn send_task(
                 .sent_at
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .push_back((o.epoch, Instant::now()));
+                .push_back((o.epoch, o.paused_at));
         }
         if let Err(e) = data_tx.send_encoded(&o.data).await {
             board.fail(format!("sending epoch {} data: {e}", o.epoch));
