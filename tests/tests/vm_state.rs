@@ -135,8 +135,23 @@ fn capture_restore_equivalence(vcpus: u32, instants: usize, seed: u64) {
         }
         let (ma, mb) = (a.read_memory().unwrap(), b.read_memory().unwrap());
         if ma != mb {
-            let first = ma.iter().zip(&mb).position(|(x, y)| x != y).unwrap();
-            panic!("round {round}: memory differs, first at {first:#x}");
+            let diffs: Vec<usize> = ma
+                .iter()
+                .zip(&mb)
+                .enumerate()
+                .filter(|(_, (x, y))| x != y)
+                .map(|(i, _)| i)
+                .collect();
+            let show: Vec<String> = diffs
+                .iter()
+                .take(16)
+                .map(|&i| format!("{i:#x}: {:#04x} vs {:#04x}", ma[i], mb[i]))
+                .collect();
+            panic!(
+                "round {round}: memory differs in {} bytes: {}",
+                diffs.len(),
+                show.join(", ")
+            );
         }
     }
 }

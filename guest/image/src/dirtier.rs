@@ -5,7 +5,10 @@
 //! Deterministic for a given seed and starting state: what it writes and the
 //! records it emits depend only on the state in guest memory (and, when
 //! `use_entropy` is set, on the values read from the entropy register). The TSC is
-//! read only for pacing, which changes *when* a touch happens, never *what*.
+//! read only for pacing, which changes *when* a touch happens, never *what*
+//! (though the pacing deadline it stores on the stack differs between two
+//! VMs); an unpaced dirtier reads no clock at all, so its whole memory is
+//! deterministic.
 
 use crate::rt;
 use castor_guest_abi::{
@@ -58,7 +61,14 @@ pub fn run(vcpu: u64, info: &BootInfo) -> ! {
         ((tsc_hz as u128) << 32) / cfg.pages_per_sec as u128
     };
     let max_lag: u128 = (tsc_hz as u128 / 100) << 32; // never burst more than 10 ms worth
-    let mut deadline: u128 = (rt::rdtsc() as u128) << 32;
+    // Read the clock only when pacing: the TSC is input from outside the VM,
+    // and an unpaced dirtier stays deterministic down to every byte of its
+    // memory (its stack included).
+    let mut deadline: u128 = if ticks_per_touch != 0 {
+        (rt::rdtsc() as u128) << 32
+    } else {
+        0
+    };
 
     loop {
         if ticks_per_touch != 0 {
