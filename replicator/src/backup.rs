@@ -288,7 +288,11 @@ impl Backup {
                 bad_frame,
                 Stamp(arrived.clone(), start),
             )),
-            tokio::spawn(forward_datagrams(conn.clone(), tx, Stamp(arrived.clone(), start))),
+            tokio::spawn(forward_datagrams(
+                conn.clone(),
+                tx,
+                Stamp(arrived.clone(), start),
+            )),
         ];
         let _abort = AbortOnDrop(readers);
         let mut data_open = true;

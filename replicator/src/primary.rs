@@ -356,7 +356,13 @@ impl Primary {
         });
         let data_tx = rt.block_on(conn.open_data())?;
         let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Outgoing>(self.cfg.max_in_flight + 2);
-        let sender = rt.spawn(send_task(data_tx, ctl_tx, out_rx, board.clone(), self.cfg.fault.take()));
+        let sender = rt.spawn(send_task(
+            data_tx,
+            ctl_tx,
+            out_rx,
+            board.clone(),
+            self.cfg.fault.take(),
+        ));
         let acker = rt.spawn(ack_task(
             ctl_rx,
             board.clone(),
@@ -436,7 +442,11 @@ impl Primary {
                 .wire_bytes
                 .fetch_add(enc.wire_bytes, Ordering::Relaxed);
             {
-                let mut h = self.status.history.lock().unwrap_or_else(|e| e.into_inner());
+                let mut h = self
+                    .status
+                    .history
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
                 if h.len() >= HISTORY {
                     h.pop_front();
                 }
@@ -533,8 +543,8 @@ impl Primary {
     /// `extra`: pages to carry besides the harvested ones (copied in the pause).
     fn stage_epoch(&mut self, extra: &BTreeSet<u64>) -> Result<StagedEpoch, PrimaryError> {
         let epoch = self.epoch + 1;
-        let verify = self.cfg.verify_memory_every > 0
-            && epoch.is_multiple_of(self.cfg.verify_memory_every);
+        let verify =
+            self.cfg.verify_memory_every > 0 && epoch.is_multiple_of(self.cfg.verify_memory_every);
         let t0 = Instant::now();
         self.paused_at = t0;
         let mut data = std::mem::take(&mut self.staging);

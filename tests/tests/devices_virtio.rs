@@ -459,7 +459,7 @@ fn net_tx_goes_through_the_sink_and_rx_marks_buffers_dirty() {
     }
     let mut eth = vec![0xffu8; 6];
     eth.extend_from_slice(&[2, 0, 0, 0, 0, 9, 0x88, 0xb5]);
-    eth.extend(std::iter::repeat(0x5a).take(50));
+    eth.extend(std::iter::repeat_n(0x5a, 50));
     inject(&tap, &eth);
     // Let the kernel queue it.
     std::thread::sleep(std::time::Duration::from_millis(50));

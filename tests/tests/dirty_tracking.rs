@@ -63,7 +63,7 @@ fn extra_kind(gpa: u64, vcpus: u32) -> Option<&'static str> {
     const AREA: u64 = 0x20_0000;
     const AREA_SIZE: u64 = 0x2_0000;
     if (AREA..AREA + vcpus as u64 * AREA_SIZE).contains(&gpa) {
-        return Some(if (gpa - AREA) % AREA_SIZE == 0 {
+        return Some(if (gpa - AREA).is_multiple_of(AREA_SIZE) {
             "vcpu control page"
         } else {
             "vcpu stack"

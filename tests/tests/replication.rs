@@ -98,7 +98,12 @@ fn run_pair(p: Params) -> Outcome {
                     ..Default::default()
                 },
                 Box::new(move |shape| {
-                    let mem = shape.memory.iter().map(|r| r.guest_addr + r.size).max().unwrap();
+                    let mem = shape
+                        .memory
+                        .iter()
+                        .map(|r| r.guest_addr + r.size)
+                        .max()
+                        .unwrap();
                     Ok(Arc::new(Vm::new(
                         &VmConfig {
                             vcpus: shape.vcpus,
@@ -148,7 +153,9 @@ fn run_pair(p: Params) -> Outcome {
         items: Mutex::new(Vec::new()),
         committed: committed.clone(),
     });
-    let buffer = Arc::new(OutputBuffer::new(castor_net_buffer::Config::with_max_bytes(1 << 20)));
+    let buffer = Arc::new(OutputBuffer::new(
+        castor_net_buffer::Config::with_max_bytes(1 << 20),
+    ));
     let vm = Arc::new(
         Vm::new(
             &cfg,
@@ -245,11 +252,19 @@ fn check_released(o: &Outcome) {
     for (_, _, d) in &o.released {
         let r = Record::from_bytes(d).expect("a 32-byte record");
         let n = next.entry(r.vcpu).or_insert(1);
-        assert_eq!(r.seq, *n, "vCPU {}: gap or duplicate in released records", r.vcpu);
+        assert_eq!(
+            r.seq, *n,
+            "vCPU {}: gap or duplicate in released records",
+            r.vcpu
+        );
         *n += 1;
     }
     for w in o.commits.windows(2) {
-        assert!(w[0] < w[1], "epoch committed twice or out of order: {:?}", w);
+        assert!(
+            w[0] < w[1],
+            "epoch committed twice or out of order: {:?}",
+            w
+        );
     }
 }
 
@@ -289,7 +304,12 @@ fn fault_run(fault: Fault, expect_reject: bool) {
         epochs: 120,
         fault: Some((40, fault)),
     });
-    assert!(o.acked >= 120, "only {} epochs acknowledged: {:?}", o.acked, o.primary_errors);
+    assert!(
+        o.acked >= 120,
+        "only {} epochs acknowledged: {:?}",
+        o.acked,
+        o.primary_errors
+    );
     assert_eq!(o.verify_failures, 0, "a bad commit reached the replica");
     if expect_reject {
         assert!(
@@ -298,10 +318,20 @@ fn fault_run(fault: Fault, expect_reject: bool) {
             o.sessions
         );
         assert!(o.discarded >= 1, "no partial epoch was discarded");
-        assert!(!o.primary_errors.is_empty(), "the primary never saw the rejection");
-        assert!(!o.commits.contains(&40), "the faulty epoch 40 was committed");
+        assert!(
+            !o.primary_errors.is_empty(),
+            "the primary never saw the rejection"
+        );
+        assert!(
+            !o.commits.contains(&40),
+            "the faulty epoch 40 was committed"
+        );
     } else {
-        assert!(o.primary_errors.is_empty(), "{fault:?} was not tolerated: {:?}", o.primary_errors);
+        assert!(
+            o.primary_errors.is_empty(),
+            "{fault:?} was not tolerated: {:?}",
+            o.primary_errors
+        );
         assert!(o.commits.contains(&40));
     }
     assert!(o.verified >= 100, "only {} verified commits", o.verified);

@@ -142,7 +142,10 @@ fn regex_free_set(text: &str, key: &str, value: &str) -> String {
         out.join("\n") + "\n"
     } else {
         // Absent: add it to the [replication] section.
-        text.replace("[replication]\n", &format!("[replication]\n{key} = {value}\n"))
+        text.replace(
+            "[replication]\n",
+            &format!("[replication]\n{key} = {value}\n"),
+        )
     }
 }
 
