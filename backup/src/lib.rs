@@ -70,14 +70,47 @@ pub struct TakeoverSection {
     /// sequence numbers). Default true.
     #[serde(default = "yes")]
     pub reemit_output: bool,
+    /// Re-protection: after a takeover, replicate the guest to this new
+    /// backup ("host:port"); absent = run unprotected after a takeover.
+    #[serde(default)]
+    pub new_backup: Option<SocketAddr>,
+    /// The new backup's certificate (relative to this file); required with
+    /// `new_backup`. This host's own `[tls]` key pair identifies it there.
+    #[serde(default)]
+    pub new_backup_cert: Option<PathBuf>,
+    /// Local UDP address for re-protection. Default "0.0.0.0:0".
+    #[serde(default = "default_bind")]
+    pub bind: SocketAddr,
+    /// Epoch interval once re-protecting, 2 to 1000 ms. Default 25.
+    #[serde(default = "default_epoch")]
+    pub epoch_ms: u64,
+    /// While the new backup is absent: "continue" (default: run unprotected,
+    /// releasing output) or "pause".
+    #[serde(default = "default_loss")]
+    pub on_backup_loss: String,
 }
 
 impl Default for TakeoverSection {
     fn default() -> Self {
         TakeoverSection {
             reemit_output: true,
+            new_backup: None,
+            new_backup_cert: None,
+            bind: default_bind(),
+            epoch_ms: default_epoch(),
+            on_backup_loss: default_loss(),
         }
     }
+}
+
+fn default_bind() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
+}
+fn default_epoch() -> u64 {
+    25
+}
+fn default_loss() -> String {
+    "continue".into()
 }
 
 /// `[tls]`, `[output]`, `[metrics]` as in primary.toml.
@@ -139,6 +172,23 @@ pub struct Config {
     pub reemit_output: bool,
     /// Commit log file.
     pub commit_log: Option<PathBuf>,
+    /// Re-protection after a takeover: new backup, its certificate, policy.
+    pub reprotect: Option<Reprotect>,
+}
+
+/// Re-protection settings (from `[takeover]`).
+#[derive(Debug, Clone)]
+pub struct Reprotect {
+    /// The new backup.
+    pub backup: SocketAddr,
+    /// Its certificate.
+    pub cert: PathBuf,
+    /// Local bind.
+    pub bind: SocketAddr,
+    /// Pipeline settings.
+    pub pipeline: castor_replicator::primary::PrimaryConfig,
+    /// Policy while it is absent.
+    pub on_backup_loss: castor_primary::OnBackupLoss,
 }
 
 impl Config {
@@ -199,6 +249,45 @@ impl Config {
             metrics: f.metrics.listen,
             reemit_output: f.takeover.reemit_output,
             commit_log: f.log.commit_log.map(|p| dir.join(p)),
+            reprotect: match (f.takeover.new_backup, &f.takeover.new_backup_cert) {
+                (None, None) => None,
+                (Some(_), None) | (None, Some(_)) => {
+                    return Err(bad(
+                        "takeover.new_backup",
+                        "set both new_backup and new_backup_cert, or neither".into(),
+                    ))
+                }
+                (Some(addr), Some(cert)) => {
+                    if !(2..=1000).contains(&f.takeover.epoch_ms) {
+                        return Err(bad(
+                            "takeover.epoch_ms",
+                            format!("{}: use 2 to 1000", f.takeover.epoch_ms),
+                        ));
+                    }
+                    let on_backup_loss = match f.takeover.on_backup_loss.as_str() {
+                        "continue" => castor_primary::OnBackupLoss::Continue,
+                        "pause" => castor_primary::OnBackupLoss::Pause,
+                        other => {
+                            return Err(bad(
+                                "takeover.on_backup_loss",
+                                format!("{other:?}: use \"continue\" or \"pause\""),
+                            ))
+                        }
+                    };
+                    Some(Reprotect {
+                        backup: addr,
+                        cert: dir.join(cert),
+                        bind: f.takeover.bind,
+                        pipeline: castor_replicator::primary::PrimaryConfig {
+                            epoch_interval: Duration::from_millis(f.takeover.epoch_ms),
+                            heartbeat: Duration::from_millis(r.heartbeat_ms),
+                            peer_timeout: Duration::from_millis(r.timeout_ms),
+                            ..Default::default()
+                        },
+                        on_backup_loss,
+                    })
+                }
+            },
         })
     }
 }
@@ -341,7 +430,10 @@ fn take_over(
         },
     ));
     let _ = buffer.set_unprotected(true);
-    switch.connect(Arc::new(BufferedSink { buffer, release }));
+    switch.connect(Arc::new(BufferedSink {
+        buffer: buffer.clone(),
+        release: release.clone(),
+    }));
     t.vm.resume();
     let total = detected.elapsed();
     metrics::counter!("castor_failovers_total").increment(1);
@@ -357,8 +449,32 @@ fn take_over(
         total,
         t.output.items.len()
     );
-    loop {
-        std::thread::sleep(Duration::from_secs(3600));
+    match &cfg.reprotect {
+        None => loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        },
+        Some(rp) => {
+            log::warn!("re-protection: replicating to the new backup {}", rp.backup);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            castor_primary::protect(
+                t.vm,
+                buffer,
+                release,
+                castor_primary::Protection {
+                    backup: rp.backup,
+                    bind: rp.bind,
+                    identity: Identity::load(&cfg.cert, &cfg.key)?,
+                    peer: PeerCert::load(&rp.cert)?,
+                    pipeline: rp.pipeline.clone(),
+                    on_backup_loss: rp.on_backup_loss,
+                },
+                &rt,
+            )?;
+            Ok(())
+        }
     }
 }
 

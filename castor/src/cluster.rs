@@ -268,6 +268,16 @@ impl Cluster {
     /// Starts `castor ROLE --config DIR/ROLE.toml`, logging to DIR/ROLE.log.
     /// The child gets SIGKILL if this process dies.
     pub fn spawn(&self, name: &'static str, role: &str) -> Result<Daemon, ClusterError> {
+        self.spawn_with(name, role, &self.dir.join(format!("{role}.toml")))
+    }
+
+    /// Starts `castor ROLE --config CONFIG` as `name` (log in `name.log`).
+    pub fn spawn_with(
+        &self,
+        name: &'static str,
+        role: &str,
+        config: &Path,
+    ) -> Result<Daemon, ClusterError> {
         let log = self.dir.join(format!("{name}.log"));
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -278,7 +288,7 @@ impl Cluster {
         let mut cmd = Command::new(&self.exe);
         cmd.arg(role)
             .arg("--config")
-            .arg(self.dir.join(format!("{role}.toml")))
+            .arg(config)
             .env("RUST_LOG", &self.spec.log_level)
             .stdin(Stdio::null())
             .stdout(out)

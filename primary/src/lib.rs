@@ -138,17 +138,75 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         vm.dirty_backend().map_or("none".into(), |b| b.to_string())
     );
     vm.resume();
-    let mut primary = Primary::new(vm.clone(), buffer.clone(), release, cfg.pipeline.clone());
+    protect(
+        vm,
+        buffer,
+        release,
+        Protection {
+            backup: cfg.backup,
+            bind: cfg.bind,
+            identity,
+            peer,
+            pipeline: cfg.pipeline.clone(),
+            on_backup_loss: cfg.on_backup_loss,
+        },
+        &rt,
+    )
+}
+
+/// Where a running guest is replicated to, and what to do without a backup.
+pub struct Protection {
+    /// The backup's address.
+    pub backup: SocketAddr,
+    /// Local UDP address.
+    pub bind: SocketAddr,
+    /// This host's key pair.
+    pub identity: Identity,
+    /// The only backup certificate accepted.
+    pub peer: PeerCert,
+    /// Pipeline settings.
+    pub pipeline: castor_replicator::primary::PrimaryConfig,
+    /// Policy while no backup is attached.
+    pub on_backup_loss: OnBackupLoss,
+}
+
+/// Replicates a running guest to its backup for as long as the process
+/// lives: connects (and reconnects: incrementally when the backup still
+/// holds this session's replica), and applies the backup-loss policy while
+/// no backup is attached. Used by `castor primary`, and by a backup that took
+/// over and re-protects the guest with a new backup.
+pub fn protect(
+    vm: Arc<Vm>,
+    buffer: Arc<OutputBuffer>,
+    release: Arc<dyn Release>,
+    p: Protection,
+    rt: &tokio::runtime::Runtime,
+) -> Result<(), DaemonError> {
+    let mut primary = Primary::new(
+        vm.clone(),
+        buffer.clone(),
+        release.clone(),
+        p.pipeline.clone(),
+    );
     let tcfg = TransportConfig::default();
     let mut paused_for_loss = false;
+    let mut warned = false;
     loop {
         let conn = rt.block_on(transport::connect(
-            cfg.bind, cfg.backup, &identity, &peer, &tcfg,
+            p.bind,
+            p.backup,
+            &p.identity,
+            &p.peer,
+            &tcfg,
         ));
         match conn {
             Ok(conn) => {
+                warned = false;
                 if buffer.is_unprotected() {
-                    log::warn!("a backup is back: protection resumes after resynchronisation");
+                    log::warn!(
+                        "backup {} attached: protection resumes after resynchronisation",
+                        p.backup
+                    );
                     let _ = buffer.set_unprotected(false);
                 }
                 if paused_for_loss {
@@ -157,25 +215,30 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                 }
                 match primary.replicate(conn, rt.handle()) {
                     Err(PrimaryError::Stopped) => return Ok(()),
-                    Err(e) => log::error!("replication to {} lost: {e}", cfg.backup),
+                    Err(e) => log::error!("replication to {} lost: {e}", p.backup),
                     Ok(()) => {}
                 }
+                metrics::counter!("castor_backup_losses_total").increment(1);
             }
-            Err(e) => log::debug!("cannot reach backup {}: {e}", cfg.backup),
+            Err(e) => {
+                if !warned {
+                    log::warn!("cannot reach backup {}: {e}", p.backup);
+                    warned = true;
+                }
+            }
         }
-        metrics::counter!("castor_backup_losses_total").increment(1);
-        match cfg.on_backup_loss {
+        match p.on_backup_loss {
             OnBackupLoss::Continue => {
                 if !buffer.is_unprotected() {
                     log::warn!(
-                        "!!! BACKUP LOST: running UNPROTECTED (on_backup_loss = \"continue\"); \
+                        "!!! NO BACKUP: running UNPROTECTED (on_backup_loss = \"continue\"); \
                          releasing held output and retrying the backup"
                     );
                     let released = buffer.set_unprotected(true);
                     let items: Vec<(u64, Vec<u8>)> =
                         released.iter().map(|i| (i.seq, i.data.clone())).collect();
                     if !items.is_empty() {
-                        sink.release.release(0, &items);
+                        release.release(0, &items);
                     }
                 }
             }

@@ -344,3 +344,102 @@ fn backup_sigkill_continue_runs_unprotected() {
     let plog = std::fs::read_to_string(c.dir.join("primary.log")).unwrap_or_default();
     assert!(plog.contains("UNPROTECTED"), "no loud warning:\n{plog}");
 }
+
+/// Kill the primary; the backup takes over and re-protects the guest with a
+/// second backup (full resync while the guest runs); then kill that backup
+/// in turn: the second backup takes over. The output is one history across
+/// both failovers.
+#[test]
+fn primary_then_backup_killed_in_turn_with_reprotection_between() {
+    require_kvm();
+    let _serial = serial();
+    let obs = observer();
+    let c = prepare(small_spec(), &obs);
+    // A second backup, which trusts the first backup (its future primary).
+    castor_replicator::transport::write_identity(&c.dir, "backup2")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let b2_addr = SocketAddr::from((
+        [127, 0, 0, 1],
+        castor::cluster::free_udp_port().unwrap_or_else(|e| panic!("{e}")),
+    ));
+    let b2_config = c.dir.join("backup2.toml");
+    std::fs::write(
+        &b2_config,
+        format!(
+            "[replication]\nlisten = \"{b2_addr}\"\nheartbeat_ms = 10\ntimeout_ms = 100\n\n\
+             [tls]\ncert = \"backup2.crt\"\nkey = \"backup2.key\"\npeer_cert = \"backup.crt\"\n\n\
+             [output]\nrelease_to = \"{}\"\n",
+            obs.addr()
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let b1 = c.backup_config();
+    let mut text = std::fs::read_to_string(&b1).unwrap_or_else(|e| panic!("{e}"));
+    text.push_str(&format!(
+        "\n[takeover]\nnew_backup = \"{b2_addr}\"\nnew_backup_cert = \"backup2.crt\"\nbind = \"127.0.0.1:0\"\nepoch_ms = 5\n"
+    ));
+    std::fs::write(&b1, text).unwrap_or_else(|e| panic!("{e}"));
+
+    let mut backup = start(&c, true);
+    let mut backup2 = c
+        .spawn_with("backup2", "backup", &b2_config)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut primary = start(&c, false);
+    wait_records(&obs, &c, 20);
+    std::thread::sleep(Duration::from_millis(500));
+
+    // First failover: the primary dies, backup 1 takes over and re-protects.
+    primary.kill();
+    let reprotected = Instant::now();
+    let mut attached = false;
+    while reprotected.elapsed() < Duration::from_secs(20) {
+        let log = std::fs::read_to_string(c.dir.join("backup.log")).unwrap_or_default();
+        if log.contains("attached: protection resumes") {
+            attached = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        attached,
+        "backup 1 never re-protected the guest\n{}",
+        logs(&c)
+    );
+    // Let backup 2 finish its resync and commit a while.
+    let before = obs.count();
+    assert!(
+        obs.wait_until(Duration::from_secs(20), |l| l.len() >= before + 50),
+        "no output while re-protected\n{}",
+        logs(&c)
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Second failover: backup 1 (now the primary) dies, backup 2 takes over.
+    let killed = backup.kill();
+    let b2_log_has = |s: &str| {
+        std::fs::read_to_string(c.dir.join("backup2.log"))
+            .unwrap_or_default()
+            .contains(s)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && !b2_log_has("TAKEOVER complete") {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        b2_log_has("TAKEOVER complete"),
+        "backup 2 did not take over\n{}",
+        logs(&c)
+    );
+    let n = obs.count();
+    assert!(
+        obs.wait_until(Duration::from_secs(10), |l| l.len() >= n + 20),
+        "output did not continue after the second failover\n{}",
+        logs(&c)
+    );
+    assert!(killed.elapsed() < Duration::from_secs(30));
+    backup2.kill();
+    let log = obs.finish();
+    let v = verdict(&c, &log, 2, false);
+    assert!(v.ok(), "{v}\n{}", logs(&c));
+    assert_eq!(v.senders.len(), 3, "expected three successive senders: {v}");
+}
