@@ -3,8 +3,8 @@
 //! SIGKILL of the primary, the backup's takeover, and a summary with the
 //! failover time and the invariant's verdict.
 
-use castor::cluster::{metric, scrape, Cluster, Daemon, Spec};
-use castor::observe::{self, CheckOptions, CommitLog, Observer};
+use crate::cluster::{metric, scrape, Cluster, Daemon, Spec};
+use crate::observe::{self, CheckOptions, CommitLog, Observer};
 use std::io::{Read, Seek, SeekFrom};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

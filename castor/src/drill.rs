@@ -2,8 +2,8 @@
 //! (SIGKILL the primary, or cut the replication link with an iptables rule),
 //! observe the released output, check the invariant and report.
 
-use castor::cluster::{metric, scrape};
-use castor::observe::{self, CheckOptions, CommitLog, Observer};
+use crate::cluster::{metric, scrape};
+use crate::observe::{self, CheckOptions, CommitLog, Observer};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 

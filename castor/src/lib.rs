@@ -1,5 +1,11 @@
-//! Library side of the `castor` binary: what `castor demo`, `castor drill`
-//! and `castor observe` share with the failover tests and benchmarks.
+//! Library side of the `castor` binary: the CLI itself ([`cli`]), and what
+//! `castor demo`, `castor drill` and `castor observe` share with the
+//! failover tests and benchmarks ([`cluster`], [`observe`]).
 
+pub mod cli;
 pub mod cluster;
+mod daemons;
+mod demo;
+mod drill;
 pub mod observe;
+mod run;

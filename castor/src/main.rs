@@ -1,58 +1,6 @@
-//! `castor`: the one user-facing binary. Each subcommand is a thin layer over
-//! the library crates (vmm, replicator, primary, backup).
-
-mod daemons;
-mod demo;
-mod drill;
-mod run;
-
-use clap::{Parser, Subcommand};
-
-#[derive(Parser)]
-#[command(
-    name = "castor",
-    version,
-    about = "Castor keeps a KVM virtual machine alive when its host dies"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run a guest on this host, unprotected, with live progress.
-    Run(run::RunArgs),
-    /// Run the protected guest and replicate it to a backup.
-    Primary(daemons::ConfigArg),
-    /// Hold a hot replica of a primary's guest; take over when it dies.
-    Backup(daemons::ConfigArg),
-    /// Write a TLS key pair (NAME.crt, NAME.key) for one host.
-    Keygen(daemons::KeygenArgs),
-    /// Receive released output and check that the world saw one history.
-    Observe(castor::observe::ObserveArgs),
-    /// Start a pair on this machine, kill the primary, watch the backup take over.
-    Demo(demo::DemoArgs),
-    /// Trigger a failover of a running pair and check the invariant.
-    Drill(drill::DrillArgs),
-}
+//! `castor`: the one user-facing binary (the CLI lives in the library:
+//! `castor::cli`).
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_timestamp_millis()
-        .init();
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Run(a) => run::run(&a).map_err(|e| e.to_string()),
-        Command::Primary(a) => daemons::primary(&a),
-        Command::Backup(a) => daemons::backup(&a),
-        Command::Keygen(a) => daemons::keygen(&a),
-        Command::Observe(a) => castor::observe::observe_command(&a),
-        Command::Demo(a) => demo::demo(&a),
-        Command::Drill(a) => drill::drill(&a),
-    };
-    if let Err(e) = result {
-        eprintln!("castor: error: {e}");
-        std::process::exit(1);
-    }
+    castor::cli::main()
 }

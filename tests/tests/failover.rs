@@ -6,40 +6,17 @@
 //! `CASTOR_FAILOVER_KILLS=N` sets the number of primary kills of the kill
 //! matrix (default 30); `CASTOR_KEEP_DIR=1` keeps each run's directory.
 
-use castor::cluster::{sibling_castor_exe, Cluster, Daemon, Spec};
+use castor::cluster::{Cluster, Daemon, Spec};
 use castor::observe::{check, CheckOptions, CommitLog, Datagram, Observer, Verdict};
 use castor_tests::require_kvm;
 use rand::Rng;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// Builds the `castor` binary once (same profile as this test) and returns it.
+/// The `castor` CLI built into this package (same build, same features).
 fn castor_exe() -> PathBuf {
-    static EXE: OnceLock<PathBuf> = OnceLock::new();
-    EXE.get_or_init(|| {
-        if std::env::var_os("CASTOR_BIN").is_none() {
-            let me = std::env::current_exe().unwrap_or_default();
-            let release = me.components().any(|c| c.as_os_str() == "release");
-            let mut cmd = std::process::Command::new(env!("CARGO"));
-            cmd.args(["build", "-q", "-p", "castor", "--bin", "castor"])
-                .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
-            if release {
-                cmd.arg("--release");
-            }
-            let st = cmd.status();
-            assert!(
-                st.as_ref().is_ok_and(|s| s.success()),
-                "cargo build -p castor failed: {st:?}"
-            );
-        }
-        match sibling_castor_exe() {
-            Ok(p) => p,
-            Err(e) => panic!("{e}"),
-        }
-    })
-    .clone()
+    PathBuf::from(env!("CARGO_BIN_EXE_castor-under-test"))
 }
 
 /// The tests of this file run one at a time: each starts a pair of VMs, and

@@ -8,34 +8,16 @@
 //!   and the released history has no gap, fork or duplicate;
 //! - a primary holding the wrong certificate is refused.
 
-use castor::cluster::{metric, scrape, sibling_castor_exe, Cluster, Spec};
+use castor::cluster::{metric, scrape, Cluster, Spec};
 use castor::observe::{check, CheckOptions, CommitLog, Observer};
 use castor_tests::require_kvm;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// Builds the `castor` binary once (same profile as this test) and returns it.
+/// The `castor` CLI built into this package (same build, same features).
 fn castor_exe() -> PathBuf {
-    static EXE: OnceLock<PathBuf> = OnceLock::new();
-    EXE.get_or_init(|| {
-        let me = std::env::current_exe().unwrap_or_default();
-        let release = me.components().any(|c| c.as_os_str() == "release");
-        let mut cmd = std::process::Command::new(env!("CARGO"));
-        cmd.args(["build", "-q", "-p", "castor", "--bin", "castor"])
-            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
-        if release {
-            cmd.arg("--release");
-        }
-        let st = cmd.status();
-        assert!(
-            st.as_ref().is_ok_and(|s| s.success()),
-            "cargo build -p castor failed: {st:?}"
-        );
-        sibling_castor_exe().unwrap_or_else(|e| panic!("{e}"))
-    })
-    .clone()
+    PathBuf::from(env!("CARGO_BIN_EXE_castor-under-test"))
 }
 
 fn set(path: &PathBuf, from: &str, to: &str) {

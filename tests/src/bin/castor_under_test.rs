@@ -1,0 +1,5 @@
+//! The `castor` CLI, built into the test package for the process-level tests.
+
+fn main() {
+    castor::cli::main()
+}
