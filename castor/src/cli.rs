@@ -21,7 +21,7 @@ enum Command {
     /// Run a guest on this host, unprotected, with live progress.
     Run(run::RunArgs),
     /// Run the protected guest and replicate it to a backup.
-    Primary(daemons::ConfigArg),
+    Primary(daemons::PrimaryArgs),
     /// Hold a hot replica of a primary's guest; take over when it dies.
     Backup(daemons::ConfigArg),
     /// Write a TLS key pair (NAME.crt, NAME.key) for one host.

@@ -10,6 +10,19 @@ pub struct ConfigArg {
 }
 
 #[derive(clap::Args, Debug)]
+pub struct PrimaryArgs {
+    /// The TOML configuration file (see configs/primary.toml).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override `[replication] verify_memory_every`: every N epochs the
+    /// primary sends a digest of all guest memory taken at the pause and the
+    /// backup compares it with its replica after the commit (0 = never; the
+    /// digest is computed inside the pause).
+    #[arg(long)]
+    pub verify_memory_every: Option<u64>,
+}
+
+#[derive(clap::Args, Debug)]
 pub struct KeygenArgs {
     /// Directory to write NAME.crt and NAME.key into.
     #[arg(long, default_value = ".")]
@@ -19,8 +32,11 @@ pub struct KeygenArgs {
     pub name: String,
 }
 
-pub fn primary(a: &ConfigArg) -> Result<(), String> {
-    let cfg = castor_primary::Config::load(&a.config).map_err(|e| e.to_string())?;
+pub fn primary(a: &PrimaryArgs) -> Result<(), String> {
+    let mut cfg = castor_primary::Config::load(&a.config).map_err(|e| e.to_string())?;
+    if let Some(n) = a.verify_memory_every {
+        cfg.pipeline.verify_memory_every = n;
+    }
     castor_primary::run(cfg).map_err(|e| e.to_string())
 }
 

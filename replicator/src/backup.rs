@@ -14,7 +14,7 @@
 use crate::checkpoint::{CheckpointError, CommittedOutput, EpochAssembler, Replica};
 use crate::primary::memory_digest;
 use crate::transport::{Connection, FrameReceiver, FrameSender, TransportError};
-use crate::wire::{self, Body, Frame, FrameType, Hello, Role, PROTOCOL_VERSION};
+use crate::wire::{self, Body, BodyRef, Frame, FrameType, Hello, Role, PROTOCOL_VERSION};
 use castor_vmm::state::VmShape;
 use castor_vmm::{MemoryRegionSpec, Vm, VmState};
 use std::collections::BTreeMap;
@@ -261,6 +261,11 @@ impl Backup {
     ) -> Result<SessionEnd, BackupError> {
         let mut pending: BTreeMap<u64, EpochAssembler> = BTreeMap::new();
         let start = Instant::now();
+        let limits = self
+            .replica
+            .as_ref()
+            .map(|r| r.limits().clone())
+            .unwrap_or_default();
         // Liveness is judged by when frames *arrive* (stamped by the reader
         // tasks), not when this loop gets to them: a long commit is not silence.
         let arrived = Arc::new(AtomicU64::new(0));
@@ -325,7 +330,10 @@ impl Backup {
                 }
                 Event::Control(Err(e)) | Event::Data(Err(e)) => return Ok(lost_or_bad(e)),
             };
-            if let Err(e) = self.on_frame(frame, &mut pending, &mut ctl_tx).await {
+            if let Err(e) = self
+                .on_frame(&frame, &limits, &mut pending, &mut ctl_tx)
+                .await
+            {
                 let discarded = pending.len() as u64;
                 self.status
                     .discarded
@@ -355,7 +363,8 @@ impl Backup {
 
     async fn on_frame(
         &mut self,
-        frame: Frame,
+        raw: &[u8],
+        limits: &wire::Limits,
         pending: &mut BTreeMap<u64, EpochAssembler>,
         ctl_tx: &mut FrameSender,
     ) -> Result<(), BackupError> {
@@ -363,22 +372,17 @@ impl Backup {
             .replica
             .as_mut()
             .ok_or_else(|| BackupError::Protocol("no replica".into()))?;
-        let t = frame.body.frame_type();
-        match (&frame.body, frame.epoch) {
-            (Body::Heartbeat(_), _) => return Ok(()),
-            (Body::Error(e), _) => {
+        let (frame, _) = wire::decode(raw, limits).map_err(CheckpointError::from)?;
+        let t = frame.header.frame_type;
+        match (&frame.body, frame.epoch()) {
+            (BodyRef::Heartbeat(_), _) => return Ok(()),
+            (BodyRef::Error { code, message }, _) => {
                 return Err(BackupError::Protocol(format!(
-                    "primary error {}: {}",
-                    e.code, e.message
+                    "primary error {code}: {message}"
                 )))
             }
-            (Body::PageBatch(_), 0) => {
-                let mut buf = Vec::new();
-                frame.encode(&mut buf).map_err(CheckpointError::from)?;
-                let (f, _) = wire::decode(&buf, replica.limits()).map_err(CheckpointError::from)?;
-                if let wire::BodyRef::PageBatch(b) = f.body {
-                    replica.apply_sync_batch(&b)?;
-                }
+            (BodyRef::PageBatch(b), 0) => {
+                replica.apply_sync_batch(b)?;
                 return Ok(());
             }
             _ if t == FrameType::EpochEnd || t.is_epoch_data() => {}
@@ -388,7 +392,7 @@ impl Backup {
                 )))
             }
         }
-        let e = frame.epoch;
+        let e = frame.epoch();
         if e <= replica.committed_epoch() {
             return Err(BackupError::Protocol(format!(
                 "frame of epoch {e}, already committed {}",
@@ -404,7 +408,7 @@ impl Backup {
         let asm = pending
             .entry(e)
             .or_insert_with(|| EpochAssembler::new(e, self.cfg.max_epoch_bytes));
-        asm.add_owned(&frame)?;
+        asm.add(&frame, raw)?;
         // Commit, in order, every epoch that is complete.
         while let Some((&first, asm)) = pending.iter().next() {
             match asm.status() {
@@ -476,8 +480,8 @@ pub struct Takeover {
 }
 
 enum Event {
-    Control(Result<Option<Frame>, TransportError>),
-    Data(Result<Option<Frame>, TransportError>),
+    Control(Result<Option<Vec<u8>>, TransportError>),
+    Data(Result<Option<Vec<u8>>, TransportError>),
     Datagram(Result<Frame, TransportError>),
     Tick,
     Closed,
@@ -519,12 +523,12 @@ type BadFrame = Arc<std::sync::Mutex<Option<String>>>;
 async fn forward(
     mut rx: FrameReceiver,
     tx: tokio::sync::mpsc::Sender<Event>,
-    wrap: fn(Result<Option<Frame>, TransportError>) -> Event,
+    wrap: fn(Result<Option<Vec<u8>>, TransportError>) -> Event,
     bad_frame: BadFrame,
     stamp: Stamp,
 ) {
     loop {
-        let r = rx.recv_owned().await;
+        let r = rx.recv_raw().await;
         stamp.now();
         if let Err(e) = &r {
             if let Some(w) = e.wire_error() {

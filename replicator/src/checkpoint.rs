@@ -350,19 +350,6 @@ impl EpochAssembler {
         Ok(())
     }
 
-    /// Adds one received frame given in owned form (re-encoded: encoding is
-    /// deterministic, so the bytes and the tally are those the sender made).
-    pub fn add_owned(&mut self, frame: &Frame) -> Result<(), CheckpointError> {
-        let mut buf = Vec::new();
-        frame.encode(&mut buf)?;
-        let limits = Limits {
-            max_payload: u32::MAX,
-            ..Limits::default()
-        };
-        let (f, _) = wire::decode(&buf, &limits)?;
-        self.add(&f, &buf)
-    }
-
     /// Whether the epoch is complete (`Some(Ok)`), still waiting (`None`), or
     /// broken (`Some(Err)`).
     pub fn status(&self) -> Option<Result<(), CheckpointError>> {

@@ -948,6 +948,21 @@ impl FrameReceiver {
         Ok(wire::read_frame(&mut self.stream, &mut self.buf, &self.limits).await?)
     }
 
+    /// Receives the next frame as its exact bytes (header and payload),
+    /// checked like [`FrameReceiver::recv`]; `Ok(None)` when the peer finished
+    /// the stream. For a receiver that keeps frames (one copy, no per-page
+    /// allocation) and decodes them again, borrowed, later.
+    pub async fn recv_raw(&mut self) -> Result<Option<Vec<u8>>, TransportError> {
+        let header = match wire::read_frame(&mut self.stream, &mut self.buf, &self.limits).await? {
+            None => return Ok(None),
+            Some(f) => f.header,
+        };
+        let mut out = Vec::with_capacity(wire::HEADER_LEN + self.buf.len());
+        out.extend_from_slice(&header.to_bytes());
+        out.extend_from_slice(&self.buf);
+        Ok(Some(out))
+    }
+
     /// Receives the next frame as an owned [`Frame`].
     pub async fn recv_owned(&mut self) -> Result<Option<Frame>, TransportError> {
         Ok(self.recv().await?.map(|f| f.to_owned()))
