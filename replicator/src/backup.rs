@@ -307,7 +307,30 @@ impl Backup {
             if silence > self.cfg.peer_timeout {
                 return Ok(SessionEnd::PrimaryLost(format!("silent for {silence:?}")));
             }
-            let budget = self.cfg.peer_timeout - silence;
+            // An epoch whose EpochEnd arrived must complete within the peer
+            // timeout: a frame cut short on its stream would otherwise stall
+            // the pair (the primary waits for acks, we for bytes).
+            if let Some((e, d)) = pending
+                .iter()
+                .find_map(|(e, a)| a.incomplete_for().map(|d| (*e, d)))
+                .filter(|(_, d)| *d > self.cfg.peer_timeout)
+            {
+                let discarded = pending.len() as u64;
+                self.status
+                    .discarded
+                    .fetch_add(discarded, Ordering::Relaxed);
+                metrics::counter!("castor_backup_epochs_discarded_total").increment(discarded);
+                let why = format!("epoch {e} still incomplete {d:?} after its EpochEnd");
+                log::error!(
+                    "rejecting the primary's data: {why}; discarding {discarded} partial epoch(s)"
+                );
+                return Ok(SessionEnd::ProtocolError(why));
+            }
+            let budget = self
+                .cfg
+                .peer_timeout
+                .saturating_sub(silence)
+                .min(self.cfg.heartbeat.max(Duration::from_millis(5)));
             let event = tokio::select! {
                 e = events.recv() => e.unwrap_or(Event::Closed),
                 _ = tokio::time::sleep(budget) => Event::Tick,
@@ -316,7 +339,9 @@ impl Backup {
                 Event::Tick => continue,
                 Event::Closed => return Ok(SessionEnd::PrimaryLost("connection closed".into())),
                 Event::Datagram(Ok(_)) => continue,
-                Event::Datagram(Err(e)) => return Ok(lost_or_bad(e)),
+                Event::Datagram(Err(e)) => {
+                    return Ok(SessionEnd::PrimaryLost(format!("datagrams: {e}")))
+                }
                 Event::Control(Ok(Some(f))) => f,
                 Event::Data(Ok(Some(f))) => f,
                 Event::Control(Ok(None)) => {
@@ -328,7 +353,17 @@ impl Backup {
                     }
                     continue;
                 }
-                Event::Control(Err(e)) | Event::Data(Err(e)) => return Ok(lost_or_bad(e)),
+                Event::Control(Err(e)) | Event::Data(Err(e)) => {
+                    let end = lost_or_bad(e);
+                    if matches!(end, SessionEnd::ProtocolError(_)) {
+                        // The partial epochs buffered, or at least the one the
+                        // rejected frame belonged to, are dropped.
+                        let n = (pending.len() as u64).max(1);
+                        self.status.discarded.fetch_add(n, Ordering::Relaxed);
+                        metrics::counter!("castor_backup_epochs_discarded_total").increment(n);
+                    }
+                    return Ok(end);
+                }
             };
             if let Err(e) = self
                 .on_frame(&frame, &limits, &mut pending, &mut ctl_tx)

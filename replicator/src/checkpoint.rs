@@ -291,6 +291,7 @@ pub struct EpochAssembler {
     frames: Vec<u8>,
     tally: EpochTally,
     end: Option<EpochEnd>,
+    end_at: Option<std::time::Instant>,
     cap: usize,
 }
 
@@ -302,6 +303,7 @@ impl EpochAssembler {
             frames: Vec::new(),
             tally: EpochTally::new(epoch),
             end: None,
+            end_at: None,
             cap,
         }
     }
@@ -329,6 +331,7 @@ impl EpochAssembler {
                     });
                 }
                 self.end = Some(*end);
+                self.end_at = Some(std::time::Instant::now());
             }
             _ if frame.header.frame_type.is_epoch_data() => {
                 if self.frames.len() + bytes.len() > self.cap {
@@ -348,6 +351,16 @@ impl EpochAssembler {
             }
         }
         Ok(())
+    }
+
+    /// How long the epoch has waited for data since its `EpochEnd` arrived
+    /// (`None` before that). A stream cut short inside a frame leaves the
+    /// receiver waiting for bytes that never come: the caller bounds this.
+    pub fn incomplete_for(&self) -> Option<std::time::Duration> {
+        match self.status() {
+            None => self.end_at.map(|t| t.elapsed()),
+            Some(_) => None,
+        }
     }
 
     /// Whether the epoch is complete (`Some(Ok)`), still waiting (`None`), or

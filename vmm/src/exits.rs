@@ -48,6 +48,8 @@ pub(crate) enum ExitAction {
     Stop(StopReason),
     /// Stop at once (nothing to complete).
     StopNow(StopReason),
+    /// The guest is idle: park the vCPU thread for at most this long.
+    Sleep(std::time::Duration),
 }
 
 /// The answer of an [`OutputSink`] to one record.
@@ -156,6 +158,13 @@ impl ExitHandler for GuestPorts {
 
     fn mmio_write(&self, vcpu: u32, addr: u64, data: &[u8]) -> ExitAction {
         match addr {
+            pv::SLEEP_US => {
+                let mut w = [0u8; 4];
+                let n = data.len().min(4);
+                w[..n].copy_from_slice(&data[..n]);
+                let us = u32::from_le_bytes(w).min(pv::MAX_SLEEP_US);
+                ExitAction::Sleep(std::time::Duration::from_micros(us as u64))
+            }
             pv::STATUS => {
                 let mut w = [0u8; 4];
                 let n = data.len().min(4);

@@ -234,8 +234,55 @@ pub(crate) fn vcpu_loop(
                     None => return,
                 };
             }
+            ExitAction::Sleep(d) => {
+                drop(guard);
+                guard = match sleep_out_of_run(idx, &fd, &shared, d) {
+                    Some(g) => g,
+                    None => return,
+                };
+            }
         }
     }
+}
+
+/// Parks vCPU `idx` for at most `d` (the guest asked to idle), counted as out
+/// of `KVM_RUN` so a `pause()` meanwhile returns at once; a pause during the
+/// sleep holds the vCPU until `resume()`. `None` means quit.
+fn sleep_out_of_run<'a>(
+    idx: usize,
+    fd: &'a Arc<Mutex<VcpuFd>>,
+    shared: &Shared,
+    d: Duration,
+) -> Option<MutexGuard<'a, VcpuFd>> {
+    let until = Instant::now() + d;
+    let mut c = shared.lock();
+    shared.waiting.fetch_add(1, Ordering::AcqRel);
+    shared.waiting_cv.notify_all();
+    loop {
+        if c.quit {
+            shared.waiting.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        let now = Instant::now();
+        if !c.pause && c.runnable[idx] && now >= until {
+            break;
+        }
+        let wait = if c.pause || !c.runnable[idx] {
+            Duration::from_millis(50)
+        } else {
+            until - now
+        };
+        c = shared
+            .resume_cv
+            .wait_timeout(c, wait)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+    shared.waiting.fetch_sub(1, Ordering::AcqRel);
+    shared.exits[idx].set(false);
+    c.states[idx] = VcpuRunState::Running;
+    drop(c);
+    Some(fd.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
 /// Marks vCPU `idx` as out of `KVM_RUN` (stopped if `stop` is set), waits for

@@ -79,6 +79,13 @@ pub mod pv {
     pub const ENTROPY: u64 = BASE + 0x8;
     /// 32-bit store: the guest reports its status ([`crate::status`]) and stops.
     pub const STATUS: u64 = BASE + 0x10;
+    /// 32-bit store: the guest has nothing to do for this many microseconds
+    /// (at most [`MAX_SLEEP_US`]); the VMM parks the vCPU thread instead of
+    /// letting it spin, as an idle kernel would halt. A pause or a resume may
+    /// end the sleep early; the guest re-checks its clock either way.
+    pub const SLEEP_US: u64 = BASE + 0x18;
+    /// Longest sleep the VMM grants in one request.
+    pub const MAX_SLEEP_US: u32 = 2000;
     /// First byte after the paravirtual page: where devices' windows start.
     pub const DEVICES_BASE: u64 = BASE + SIZE;
 }

@@ -61,9 +61,9 @@ pub fn run(vcpu: u64, info: &BootInfo) -> ! {
         ((tsc_hz as u128) << 32) / cfg.pages_per_sec as u128
     };
     let max_lag: u128 = (tsc_hz as u128 / 100) << 32; // never burst more than 10 ms worth
-    // Read the clock only when pacing: the TSC is input from outside the VM,
-    // and an unpaced dirtier stays deterministic down to every byte of its
-    // memory (its stack included).
+                                                      // Read the clock only when pacing: the TSC is input from outside the VM,
+                                                      // and an unpaced dirtier stays deterministic down to every byte of its
+                                                      // memory (its stack included).
     let mut deadline: u128 = if ticks_per_touch != 0 {
         (rt::rdtsc() as u128) << 32
     } else {
@@ -79,7 +79,14 @@ pub fn run(vcpu: u64, info: &BootInfo) -> ! {
                     deadline = now; // we were paused or starved: do not catch up in a burst
                 }
                 while now < deadline {
-                    rt::cpu_relax();
+                    // Far ahead of schedule: let the VMM park this vCPU rather
+                    // than spin (an idle kernel would halt); else spin.
+                    let ahead_us = ((deadline - now) >> 32) * 1000 / (info.tsc_khz.max(1) as u128);
+                    if ahead_us > 100 {
+                        rt::pv_write32(pv::SLEEP_US, (ahead_us as u32).min(pv::MAX_SLEEP_US));
+                    } else {
+                        rt::cpu_relax();
+                    }
                     now = (rt::rdtsc() as u128) << 32;
                 }
             }
