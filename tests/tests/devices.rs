@@ -49,6 +49,12 @@ impl Drop for TempFile {
     }
 }
 
+/// The disk guest writes numbered blocks, flushes, reads them back; then it
+/// sends virtio-blk malformed requests from the guest itself (buffers outside
+/// guest memory, a write-only header, an unknown type, a partial sector, a
+/// read into a read-only buffer, no status descriptor) and a corrupt avail
+/// ring: it reports DONE only if each got an error (and the device kept
+/// serving valid requests, then asked for a reset), and the VMM survives.
 #[test]
 fn disk_blocks_read_back_from_the_host_image() {
     require_kvm();

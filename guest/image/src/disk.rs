@@ -1,11 +1,13 @@
 //! The disk workload: writes numbered 4 KiB blocks to virtio-blk, flushes,
-//! reads them back and checks them, then reports DONE. Any mismatch or
-//! device error panics (the VMM sees the message).
+//! reads them back and checks them, then sends the device malformed requests
+//! and a corrupt ring (each must get an error, never hang or crash the VMM),
+//! then reports DONE. Any mismatch or unexpected answer panics (the VMM sees
+//! the message).
 
 use crate::mem::{BLK_DATA, BLK_HDR, BLK_Q};
 use crate::rt;
 use crate::virtq::{
-    Mmio, Virtq, DESC_F_NEXT, DESC_F_WRITE, F_RING_EVENT_IDX, F_VERSION_1, REG_CONFIG,
+    Mmio, Virtq, DESC_F_NEXT, DESC_F_WRITE, F_RING_EVENT_IDX, F_VERSION_1, REG_CONFIG, REG_STATUS,
 };
 use castor_guest_abi::{disk_pattern, status, BootInfo, DeviceConfig, DISK_BLOCK_BYTES};
 use core::ptr::{read_volatile, write_volatile};
@@ -34,6 +36,39 @@ impl Blk {
             mmio,
             q,
             capacity_sectors: (hi << 32) | lo,
+        }
+    }
+
+    /// Submits the chain `descs` (address, length, flags), linked in order,
+    /// for request type `ty` at `sector`; returns (status byte, used length).
+    /// For building malformed requests: nothing is checked here.
+    pub fn raw_request(&mut self, ty: u32, sector: u64, descs: &[(u64, u32, u16)]) -> (u8, u32) {
+        // SAFETY: BLK_HDR is RAM reserved for the request header and status.
+        unsafe {
+            write_volatile(BLK_HDR as *mut u32, ty);
+            write_volatile((BLK_HDR + 4) as *mut u32, 0);
+            write_volatile((BLK_HDR + 8) as *mut u64, sector);
+            write_volatile((BLK_HDR + 16) as *mut u8, 0xff);
+        }
+        let n = descs.len() as u16;
+        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
+            let i = i as u16;
+            let (flags, next) = if i + 1 < n {
+                (flags | DESC_F_NEXT, i + 1)
+            } else {
+                (flags & !DESC_F_NEXT, 0)
+            };
+            self.q.set_desc(i, addr, len, flags, next);
+        }
+        self.q.push_avail(0);
+        self.mmio.notify(0);
+        loop {
+            if let Some((_, used_len)) = self.q.pop_used() {
+                // SAFETY: the status byte.
+                let st = unsafe { read_volatile((BLK_HDR + 16) as *const u8) };
+                return (st, used_len);
+            }
+            rt::cpu_relax();
         }
     }
 
@@ -122,5 +157,68 @@ pub fn run(vcpu: u64, info: &BootInfo, cfg: &DeviceConfig) -> ! {
     if st != 1 {
         panic!("read past the end got status {}, not IOERR", st);
     }
+    malformed(&mut blk);
     rt::stop(status::DONE)
+}
+
+/// Malformed requests from the guest: each must be refused with IOERR (1) or
+/// UNSUPP (2), or, when the chain leaves no usable status byte, completed
+/// with nothing written; and the device must keep serving valid requests.
+/// Finally a corrupt avail ring must make the device ask for a reset.
+fn malformed(blk: &mut Blk) {
+    const OUTSIDE_RAM: u64 = 0x7_0000_0000; // mapped, but no memory there
+    let hdr = (BLK_HDR, 16, 0);
+    let status_desc = (BLK_HDR + 16, 1, DESC_F_WRITE);
+    let cases: [(&str, u32, &[(u64, u32, u16)]); 6] = [
+        (
+            "data buffer outside guest memory",
+            T_IN,
+            &[hdr, (OUTSIDE_RAM, 4096, DESC_F_WRITE), status_desc],
+        ),
+        (
+            "write-only request header",
+            T_IN,
+            &[
+                (BLK_HDR, 16, DESC_F_WRITE),
+                (BLK_DATA, 512, DESC_F_WRITE),
+                status_desc,
+            ],
+        ),
+        (
+            "unknown request type",
+            77,
+            &[hdr, (BLK_DATA, 512, DESC_F_WRITE), status_desc],
+        ),
+        (
+            "length not a whole sector",
+            T_IN,
+            &[hdr, (BLK_DATA, 100, DESC_F_WRITE), status_desc],
+        ),
+        (
+            "read into a read-only buffer",
+            T_IN,
+            &[hdr, (BLK_DATA, 512, 0), status_desc],
+        ),
+        ("no status descriptor", T_IN, &[hdr]),
+    ];
+    for (what, ty, descs) in cases {
+        let (st, used) = blk.raw_request(ty, 0, descs);
+        let refused = st == 1 || st == 2;
+        let dropped = st == 0xff && used == 0;
+        if !(refused || dropped) {
+            panic!("{}: status {} used {} (expected an error)", what, st, used);
+        }
+        // The device still serves a valid request.
+        let (st, n) = blk.request(T_IN, 0, 512);
+        if st != 0 || n != 513 {
+            panic!("after {}: a valid read got status {} len {}", what, st, n);
+        }
+    }
+    // A descriptor index past the queue in the avail ring: the device must
+    // stop and ask for a reset (DEVICE_NEEDS_RESET, 0x40), not crash.
+    blk.q.push_avail(200);
+    blk.mmio.notify(0);
+    if blk.mmio.read(REG_STATUS) & 0x40 == 0 {
+        panic!("a corrupt avail ring did not set DEVICE_NEEDS_RESET");
+    }
 }
