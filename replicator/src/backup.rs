@@ -49,7 +49,9 @@ pub struct BackupConfig {
     pub peer_timeout: Duration,
     /// Heartbeat period.
     pub heartbeat: Duration,
-    /// Most bytes buffered for one epoch.
+    /// Most bytes of frames buffered at once, over all epochs not yet
+    /// committed (a bound on what a peer can make the backup allocate); at
+    /// least the guest's memory plus 64 MiB, the largest legitimate epoch.
     pub max_epoch_bytes: usize,
     /// Most epochs buffered at once (arriving ahead of their commit).
     pub max_epochs_buffered: usize,
@@ -440,9 +442,17 @@ impl Backup {
                 self.cfg.max_epochs_buffered
             )));
         }
+        // One cap for everything buffered, whatever the number of epochs.
+        // The worst legitimate epoch carries every page raw: never refuse that.
+        let guest_bytes = replica.limits().max_page_count as usize * wire::PAGE_SIZE;
+        let cap = self.cfg.max_epoch_bytes.max(guest_bytes + (64 << 20));
+        let buffered: usize = pending.values().map(EpochAssembler::buffered_bytes).sum();
+        if buffered + raw.len() > cap {
+            return Err(CheckpointError::TooLarge { epoch: e, cap }.into());
+        }
         let asm = pending
             .entry(e)
-            .or_insert_with(|| EpochAssembler::new(e, self.cfg.max_epoch_bytes));
+            .or_insert_with(|| EpochAssembler::new(e, cap));
         asm.add(&frame, raw)?;
         // Commit, in order, every epoch that is complete.
         while let Some((&first, asm)) = pending.iter().next() {

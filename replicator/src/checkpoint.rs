@@ -353,6 +353,11 @@ impl EpochAssembler {
         Ok(())
     }
 
+    /// Bytes of frames buffered.
+    pub fn buffered_bytes(&self) -> usize {
+        self.frames.len()
+    }
+
     /// How long the epoch has waited for data since its `EpochEnd` arrived
     /// (`None` before that). A stream cut short inside a frame leaves the
     /// receiver waiting for bytes that never come: the caller bounds this.
