@@ -503,20 +503,39 @@ impl Replica {
             });
         }
         let mut page: Box<Page> = Box::new([0u8; PAGE_SIZE]);
+        let mut base: Box<Page> = Box::new([0u8; PAGE_SIZE]);
         let mut n = 0;
         for entry in batch.iter() {
-            self.check_page(entry.page_number)?;
-            self.read_page(entry.page_number, &mut page)?;
-            codec::decode_page(entry.tag, entry.data, &mut page).map_err(|source| {
-                CheckpointError::Page {
-                    page: entry.page_number,
-                    source,
+            if entry.tag == codec::PageTag::Zero as u8 {
+                self.check_page(entry.page_number)?;
+                self.read_page(entry.page_number, &mut base)?;
+                if codec::is_zero_page(&base) {
+                    // Already zero (a fresh replica): writing would only fault it in.
+                    n += 1;
+                    continue;
                 }
-            })?;
+            }
+            self.decode_onto_replica(&entry, &mut page)?;
             self.write_page(entry.page_number, &page[..])?;
             n += 1;
         }
         Ok(n)
+    }
+
+    /// Decodes one entry into `page`, starting from the replica's committed
+    /// copy of that page (the XOR base); the replica itself is not written.
+    fn decode_onto_replica(
+        &self,
+        entry: &wire::PageEntryRef<'_>,
+        page: &mut Page,
+    ) -> Result<(), CheckpointError> {
+        self.check_page(entry.page_number)?;
+        self.read_page(entry.page_number, page)?;
+        codec::decode_page(entry.tag, entry.data, page).map_err(|source| CheckpointError::Page {
+            page: entry.page_number,
+            source,
+        })?;
+        Ok(())
     }
 
     fn check_page(&self, page: u64) -> Result<(), CheckpointError> {
@@ -578,14 +597,7 @@ impl Replica {
             match frame.body {
                 BodyRef::PageBatch(batch) => {
                     for entry in batch.iter() {
-                        self.check_page(entry.page_number)?;
-                        self.read_page(entry.page_number, &mut page)?;
-                        codec::decode_page(entry.tag, entry.data, &mut page).map_err(|source| {
-                            CheckpointError::Page {
-                                page: entry.page_number,
-                                source,
-                            }
-                        })?;
+                        self.decode_onto_replica(&entry, &mut page)?;
                         self.staging_pages.push(entry.page_number);
                         self.staging.extend_from_slice(&page[..]);
                     }
