@@ -73,7 +73,7 @@ pub fn run(vcpu: u64, info: &BootInfo) -> ! {
     loop {
         if ticks_per_touch != 0 {
             deadline += ticks_per_touch;
-            if st.iterations % 16 == 0 {
+            if st.iterations.is_multiple_of(16) {
                 let mut now = (rt::rdtsc() as u128) << 32;
                 if now > deadline + max_lag {
                     deadline = now; // we were paused or starved: do not catch up in a burst
@@ -100,7 +100,7 @@ pub fn run(vcpu: u64, info: &BootInfo) -> ! {
             }
             pattern::HOT_COLD => {
                 let r = splitmix(&mut st.rng);
-                if r % 10 != 0 {
+                if !r.is_multiple_of(10) {
                     (r >> 8) % hot_pages
                 } else {
                     (r >> 8) % npages
@@ -118,7 +118,7 @@ pub fn run(vcpu: u64, info: &BootInfo) -> ! {
         }
         st.iterations += 1;
 
-        if st.iterations % record_every == 0 {
+        if st.iterations.is_multiple_of(record_every) {
             if cfg.use_entropy != 0 {
                 let e = rt::pv_read64(pv::ENTROPY);
                 st.checksum = mix(st.checksum, e);

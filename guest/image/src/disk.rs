@@ -42,7 +42,7 @@ impl Blk {
     /// Submits the chain `descs` (address, length, flags), linked in order,
     /// for request type `ty` at `sector`; returns (status byte, used length).
     /// For building malformed requests: nothing is checked here.
-    pub fn raw_request(&mut self, ty: u32, sector: u64, descs: &[(u64, u32, u16)]) -> (u8, u32) {
+    pub fn raw_request(&mut self, ty: u32, sector: u64, descs: &[Desc]) -> (u8, u32) {
         // SAFETY: BLK_HDR is RAM reserved for the request header and status.
         unsafe {
             write_volatile(BLK_HDR as *mut u32, ty);
@@ -165,11 +165,14 @@ pub fn run(vcpu: u64, info: &BootInfo, cfg: &DeviceConfig) -> ! {
 /// UNSUPP (2), or, when the chain leaves no usable status byte, completed
 /// with nothing written; and the device must keep serving valid requests.
 /// Finally a corrupt avail ring must make the device ask for a reset.
+/// One descriptor: (guest address, length, flags).
+type Desc = (u64, u32, u16);
+
 fn malformed(blk: &mut Blk) {
     const OUTSIDE_RAM: u64 = 0x7_0000_0000; // mapped, but no memory there
     let hdr = (BLK_HDR, 16, 0);
     let status_desc = (BLK_HDR + 16, 1, DESC_F_WRITE);
-    let cases: [(&str, u32, &[(u64, u32, u16)]); 6] = [
+    let cases: [(&str, u32, &[Desc]); 6] = [
         (
             "data buffer outside guest memory",
             T_IN,
