@@ -2,10 +2,11 @@
 //! whole verified checkpoints, and takes over when the primary is lost.
 //! Thin over `castor-replicator`.
 
-use castor_primary::{start_metrics, BufferedSink, UdpRelease};
+use castor_primary::{BufferedSink, UdpRelease};
 use castor_replicator::backup::{Backup, BackupConfig, SessionEnd};
 use castor_replicator::primary::Release;
 use castor_replicator::transport::{self, Identity, PeerCert, TransportConfig};
+use castor_vmm::devices::{NetConfig, TxOutcome, TxSink, VirtioNet};
 use castor_vmm::{Emit, OutputSink, Record, Vm, VmConfig};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -31,6 +32,9 @@ pub enum DaemonError {
     /// Primary-side daemon pieces (metrics).
     #[error(transparent)]
     Primary(#[from] castor_primary::DaemonError),
+    /// The replica's network device.
+    #[error("network device: {0}")]
+    Net(String),
 }
 
 /// `[replication]` of backup.toml.
@@ -84,6 +88,12 @@ pub struct TakeoverSection {
     /// Epoch interval once re-protecting, 2 to 1000 ms. Default 25.
     #[serde(default = "default_epoch")]
     pub epoch_ms: u64,
+    /// Epoch mode once re-protecting: "fixed" (default) or "output-triggered".
+    #[serde(default = "default_epoch_mode")]
+    pub epoch_mode: String,
+    /// Shortest epoch in output-triggered mode, ms. Default 1.
+    #[serde(default = "default_min_epoch")]
+    pub min_epoch_ms: u64,
     /// While the new backup is absent: "continue" (default: run unprotected,
     /// releasing output) or "pause".
     #[serde(default = "default_loss")]
@@ -98,6 +108,8 @@ impl Default for TakeoverSection {
             new_backup_cert: None,
             bind: default_bind(),
             epoch_ms: default_epoch(),
+            epoch_mode: default_epoch_mode(),
+            min_epoch_ms: default_min_epoch(),
             on_backup_loss: default_loss(),
         }
     }
@@ -109,8 +121,36 @@ fn default_bind() -> SocketAddr {
 fn default_epoch() -> u64 {
     25
 }
+fn default_epoch_mode() -> String {
+    "fixed".into()
+}
+fn default_min_epoch() -> u64 {
+    1
+}
 fn default_loss() -> String {
     "continue".into()
+}
+
+/// `[net]` of backup.toml: the replica's virtio-net device on this host
+/// (needed when the primary runs `workload = "net"`: the replica must have
+/// the same devices for its state to restore).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetSection {
+    /// This host's tap, on the same L2 segment as the primary's. Required.
+    pub tap: String,
+    /// The guest's MAC (as in primary.toml). Default "02:ca:57:00:00:02".
+    #[serde(default = "default_mac")]
+    pub mac: String,
+    /// After a takeover, announce the guest on this host's tap with a
+    /// gratuitous ARP (IPv4 address read from the guest's device
+    /// configuration). Default true.
+    #[serde(default = "yes")]
+    pub announce: bool,
+}
+
+fn default_mac() -> String {
+    "02:ca:57:00:00:02".into()
 }
 
 /// `[tls]`, `[output]`, `[metrics]` as in primary.toml.
@@ -132,6 +172,9 @@ pub struct File {
     /// `[log]`.
     #[serde(default)]
     pub log: LogSection,
+    /// `[net]`.
+    #[serde(default)]
+    pub net: Option<NetSection>,
 }
 
 fn default_hb() -> u64 {
@@ -174,6 +217,19 @@ pub struct Config {
     pub commit_log: Option<PathBuf>,
     /// Re-protection after a takeover: new backup, its certificate, policy.
     pub reprotect: Option<Reprotect>,
+    /// The replica's network device.
+    pub net: Option<BackupNet>,
+}
+
+/// The replica's virtio-net device on this host.
+#[derive(Debug, Clone)]
+pub struct BackupNet {
+    /// Tap name.
+    pub tap: String,
+    /// The guest's MAC.
+    pub mac: [u8; 6],
+    /// Send a gratuitous ARP on takeover.
+    pub announce: bool,
 }
 
 /// Re-protection settings (from `[takeover]`).
@@ -232,7 +288,21 @@ impl Config {
                 )
             })?;
         let dir = path.parent().unwrap_or(Path::new("."));
+        let net = match &f.net {
+            None => None,
+            Some(n) => Some(BackupNet {
+                tap: n.tap.clone(),
+                mac: castor_primary::config::parse_mac(&n.mac).ok_or_else(|| {
+                    bad(
+                        "net.mac",
+                        format!("{:?}: use six hex bytes, 02:ca:57:00:00:02", n.mac),
+                    )
+                })?,
+                announce: n.announce,
+            }),
+        };
         Ok(Config {
+            net,
             listen: r.listen,
             dirty_tracking,
             backup: BackupConfig {
@@ -274,11 +344,18 @@ impl Config {
                             ))
                         }
                     };
+                    let epoch_mode = castor_primary::config::parse_epoch_mode(
+                        &f.takeover.epoch_mode,
+                        f.takeover.min_epoch_ms,
+                        f.takeover.epoch_ms,
+                    )
+                    .map_err(|(_, m)| bad("takeover.epoch_mode", m))?;
                     Some(Reprotect {
                         backup: addr,
                         cert: dir.join(cert),
                         bind: f.takeover.bind,
                         pipeline: castor_replicator::primary::PrimaryConfig {
+                            epoch_mode,
                             epoch_interval: Duration::from_millis(f.takeover.epoch_ms),
                             heartbeat: Duration::from_millis(r.heartbeat_ms),
                             peer_timeout: Duration::from_millis(r.timeout_ms),
@@ -320,21 +397,62 @@ impl OutputSink for SwitchSink {
     }
 }
 
+/// The replica's TX sink: refuses frames (full) until a takeover connects
+/// it (the replica never runs before that).
+#[derive(Default)]
+pub struct SwitchTxSink {
+    inner: Mutex<Option<Arc<dyn TxSink>>>,
+}
+
+impl SwitchTxSink {
+    /// Routes frames to `sink` from now on.
+    pub fn connect(&self, sink: Arc<dyn TxSink>) {
+        *self.inner.lock().unwrap_or_else(|e| e.into_inner()) = Some(sink);
+    }
+}
+
+impl TxSink for SwitchTxSink {
+    fn transmit(&self, frame: &[u8]) -> TxOutcome {
+        match self
+            .inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            Some(s) => s.transmit(frame),
+            None => TxOutcome::Full,
+        }
+    }
+}
+
+/// The replica's network plumbing on this host.
+struct ReplicaNet {
+    tap: Arc<castor_vmm::devices::Tap>,
+    tx: Arc<SwitchTxSink>,
+    cfg: BackupNet,
+}
+
 /// Runs the backup until killed.
 pub fn run(cfg: Config) -> Result<(), DaemonError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    {
-        let _g = rt.enter();
-        start_metrics(cfg.metrics)?;
-    }
+    let rt = castor_primary::daemon_runtime(cfg.metrics)?;
     let identity = Identity::load(&cfg.cert, &cfg.key)?;
     let peer = PeerCert::load(&cfg.peer_cert)?;
     let switch = Arc::new(SwitchSink::default());
     let sw = switch.clone();
     let tracking = cfg.dirty_tracking;
+    // One tap for every replica VM this process creates (a tap without
+    // multi-queue takes one opener at a time).
+    let net = match &cfg.net {
+        None => None,
+        Some(n) => Some(Arc::new(ReplicaNet {
+            tap: Arc::new(
+                castor_primary::open_tap(&n.tap).map_err(|e| DaemonError::Net(e.to_string()))?,
+            ),
+            tx: Arc::new(SwitchTxSink::default()),
+            cfg: n.clone(),
+        })),
+    };
+    let factory_net = net.clone();
     let mut backup = Backup::new(
         cfg.backup.clone(),
         Box::new(move |shape| {
@@ -353,6 +471,17 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                 },
                 sw.clone(),
             )?;
+            if let Some(n) = &factory_net {
+                // The same device as the primary's, on this host's tap.
+                let tx: Arc<dyn TxSink> = n.tx.clone();
+                vm.devices()
+                    .add_virtio_net(VirtioNet::new(NetConfig {
+                        tap: n.tap.clone(),
+                        mac: n.cfg.mac,
+                        tx_sink: Some(tx),
+                    }))
+                    .map_err(|e| castor_vmm::Error::InvalidConfig(format!("virtio-net: {e}")))?;
+            }
             Ok(Arc::new(vm))
         }),
     );
@@ -394,7 +523,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
                     "primary lost ({why}): taking over from epoch {}",
                     backup.committed_epoch()
                 );
-                return take_over(&cfg, &mut backup, &switch, detected);
+                return take_over(&cfg, &mut backup, &switch, net.as_deref(), detected);
             }
             Ok(SessionEnd::PrimaryLost(why)) => {
                 log::warn!("primary lost before the first commit ({why}); waiting for a primary");
@@ -408,17 +537,29 @@ fn take_over(
     cfg: &Config,
     backup: &mut Backup,
     switch: &SwitchSink,
+    net: Option<&ReplicaNet>,
     detected: Instant,
 ) -> Result<(), DaemonError> {
     let detected_unix = unix_seconds();
     metrics::gauge!("castor_takeover_detected_unix_seconds").set(detected_unix);
     let t = backup.take_over()?;
-    let udp: Arc<dyn Release> = Arc::new(UdpRelease::new(cfg.release_to)?);
+    let world: Arc<dyn Release> = match net {
+        Some(n) => Arc::new(castor_primary::net::TapRelease::new(n.tap.clone())),
+        None => Arc::new(UdpRelease::new(cfg.release_to)?),
+    };
     let release: Arc<dyn Release> = Arc::new(FirstOutput {
-        inner: udp,
+        inner: world,
         since: detected,
         seen: std::sync::atomic::AtomicBool::new(false),
     });
+    if let Some(n) = net {
+        drain_stale_frames(n);
+        if n.cfg.announce {
+            announce(&t.vm, n);
+        }
+    }
+    // Re-send the committed checkpoint's held frames/records: the primary
+    // may have died before releasing them (for TCP, duplicates are harmless).
     if cfg.reemit_output && !t.output.items.is_empty() {
         release.release(t.epoch, &t.output.items);
     }
@@ -434,6 +575,12 @@ fn take_over(
         buffer: buffer.clone(),
         release: release.clone(),
     }));
+    if let Some(n) = net {
+        n.tx.connect(Arc::new(castor_primary::net::NetTxSink::new(
+            buffer.clone(),
+            release.clone(),
+        )));
+    }
     t.vm.resume();
     let total = detected.elapsed();
     metrics::counter!("castor_failovers_total").increment(1);
@@ -476,6 +623,71 @@ fn take_over(
             Ok(())
         }
     }
+}
+
+/// Drops the frames queued on this host's tap while the replica was not
+/// running (broadcasts and frames flooded before the LAN learned the
+/// guest's port, possibly seconds old, e.g. the client's first SYN). The
+/// restored guest must not see them; anything still needed is sent again
+/// by its peers (TCP retransmits what the committed state has not seen).
+fn drain_stale_frames(n: &ReplicaNet) {
+    let mut buf = vec![0u8; 65_536];
+    let mut dropped = 0u32;
+    while dropped < 100_000 {
+        match n.tap.read_frame(&mut buf) {
+            Ok(Some(_)) => dropped += 1,
+            Ok(None) | Err(_) => break,
+        }
+    }
+    if dropped > 0 {
+        log::info!(
+            "takeover: dropped {dropped} stale frame(s) queued on tap {}",
+            n.tap.name()
+        );
+    }
+}
+
+/// Announces the guest at its new port: a gratuitous ARP (request and
+/// reply forms) on this host's tap, from the guest's MAC for the IPv4
+/// address in its device configuration (replicated guest memory). The
+/// built-in guest is IPv4-only, so there is no IPv6 neighbour advertisement.
+fn announce(vm: &Vm, n: &ReplicaNet) {
+    use vm_memory::{Bytes, GuestAddress};
+    let mut cfg = [0u8; 64];
+    if let Err(e) = vm.memory().read_slice(
+        &mut cfg,
+        GuestAddress(castor_guest_abi::layout::DEVICE_CONFIG_ADDR),
+    ) {
+        log::warn!("takeover: cannot read the guest's network configuration: {e}");
+        return;
+    }
+    let magic = u64::from_le_bytes(cfg[0..8].try_into().unwrap_or([0; 8]));
+    if magic != castor_guest_abi::DEVICE_CONFIG_MAGIC {
+        log::warn!("takeover: no network configuration in the guest; no gratuitous ARP");
+        return;
+    }
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&cfg[24..30]);
+    let mut ip = [0u8; 4];
+    ip.copy_from_slice(&cfg[32..36]);
+    if mac != n.cfg.mac {
+        log::warn!(
+            "takeover: the guest's MAC {mac:02x?} differs from [net] mac {:02x?}",
+            n.cfg.mac
+        );
+    }
+    let tap = castor_primary::net::TapRelease::new(n.tap.clone());
+    for reply in [false, true] {
+        tap.send(&castor_primary::net::gratuitous_arp(mac, ip, reply));
+    }
+    log::warn!(
+        "takeover: gratuitous ARP for {}.{}.{}.{} at {mac:02x?} on tap {}",
+        ip[0],
+        ip[1],
+        ip[2],
+        ip[3],
+        n.tap.name()
+    );
 }
 
 fn unix_seconds() -> f64 {

@@ -4,6 +4,7 @@
 mod failover;
 mod harvest;
 mod net;
+mod net_kill;
 mod pause;
 mod replicate;
 mod report;

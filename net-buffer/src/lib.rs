@@ -421,6 +421,9 @@ struct Inner<T> {
     next_seq: Seq,
     released_through: Option<Epoch>,
     unprotected: bool,
+    /// Threads in [`OutputBuffer::wait_for_open_output`] (a push only
+    /// signals when someone waits: no syscall on the hot path otherwise).
+    output_waiters: usize,
 }
 
 impl<T> Inner<T> {
@@ -475,6 +478,8 @@ pub struct OutputBuffer<T = Vec<u8>> {
     config: Config,
     inner: Mutex<Inner<T>>,
     space: Condvar,
+    /// Signalled when the open epoch receives its first item and someone waits.
+    output: Condvar,
     stats: Counters,
 }
 
@@ -506,11 +511,13 @@ impl<T: AsRef<[u8]>> OutputBuffer<T> {
             next_seq: config.first_seq,
             released_through: None,
             unprotected: false,
+            output_waiters: 0,
         };
         let buf = OutputBuffer {
             config,
             inner: Mutex::new(inner),
             space: Condvar::new(),
+            output: Condvar::new(),
             stats: Counters::default(),
         };
         buf.stats.oldest_held_epoch.store(NONE, Relaxed);
@@ -694,6 +701,9 @@ impl<T: AsRef<[u8]>> OutputBuffer<T> {
         g.open_bytes += len;
         g.held_bytes += len;
         g.held_items += 1;
+        if g.open.len() == 1 && g.output_waiters > 0 {
+            self.output.notify_all();
+        }
         if g.held_items == 1 {
             s.oldest_held_epoch.store(g.open_epoch, Relaxed);
         }
@@ -832,6 +842,30 @@ impl<T: AsRef<[u8]>> OutputBuffer<T> {
             .fetch_add(out.bytes() as u64, Relaxed);
         // Also wake on an empty release: a mode switch may unblock producers.
         self.space.notify_all();
+    }
+
+    /// Blocks until the open epoch holds at least one item (output is
+    /// waiting for a checkpoint) or `deadline` passes; returns whether output
+    /// is waiting. The wake-up for output-triggered epochs: a push that makes
+    /// the open epoch non-empty wakes the waiter at once.
+    pub fn wait_for_open_output(&self, deadline: Instant) -> bool {
+        let mut g = self.lock();
+        loop {
+            if !g.open.is_empty() {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            g.output_waiters += 1;
+            g = self
+                .output
+                .wait_timeout(g, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            g.output_waiters -= 1;
+        }
     }
 
     /// Drop the open epoch's (unsealed, speculative) items. Sealed epochs and

@@ -674,3 +674,30 @@ fn micro_timing() {
     drop(s);
     println!("try_push (+amortized seal/release): {per:?}/item; seal of 1000 items: {seal:?}");
 }
+
+#[test]
+fn wait_for_open_output_wakes_on_the_first_push_of_an_epoch() {
+    let buf: Arc<OutputBuffer> = Arc::new(OutputBuffer::new(Config::default()));
+    // Nothing waiting: returns false at the deadline.
+    let t0 = Instant::now();
+    assert!(!buf.wait_for_open_output(t0 + Duration::from_millis(20)));
+    assert!(t0.elapsed() >= Duration::from_millis(20));
+    // A push from another thread wakes the waiter long before its deadline.
+    let b2 = buf.clone();
+    let pusher = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(30));
+        assert!(b2.try_push(b"frame".to_vec()).unwrap().is_held());
+    });
+    let t1 = Instant::now();
+    assert!(buf.wait_for_open_output(t1 + Duration::from_secs(10)));
+    assert!(t1.elapsed() < Duration::from_secs(5));
+    pusher.join().unwrap();
+    // Output waiting: returns at once. Sealed output does not count.
+    assert!(buf.wait_for_open_output(Instant::now()));
+    let _ = buf.seal(0).unwrap();
+    assert!(!buf.wait_for_open_output(Instant::now() + Duration::from_millis(5)));
+    // Unprotected pushes pass through: nothing waits for a checkpoint.
+    let _ = buf.set_unprotected(true);
+    let _ = buf.try_push(b"x".to_vec()).unwrap();
+    assert!(!buf.wait_for_open_output(Instant::now() + Duration::from_millis(5)));
+}

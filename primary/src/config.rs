@@ -2,7 +2,7 @@
 //! and named; see `configs/primary.toml` for a commented example.
 
 use castor_vmm::{
-    parse_size, DirtierParams, DirtyTracking, GuestBoot, Pattern, VmConfig, Workload,
+    parse_size, DirtierParams, DirtyTracking, GuestBoot, NetParams, Pattern, VmConfig, Workload,
 };
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -60,7 +60,8 @@ pub struct VmSection {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GuestSection {
-    /// "dirtier" (the only workload replicated so far).
+    /// "dirtier" (default) or "net" (TCP counter/echo services on
+    /// virtio-net; needs the `[net]` section).
     #[serde(default = "default_workload")]
     pub workload: String,
     /// Total dirty rate, bytes of dirtied pages per second ("50M"); "0" = flat out.
@@ -86,6 +87,31 @@ pub struct GuestSection {
     pub seed: u64,
 }
 
+/// The `[net]` section (with `workload = "net"`): the guest's virtio-net
+/// device and TCP services.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetSection {
+    /// This host's tap interface for the guest (opened; created if missing,
+    /// which needs CAP_NET_ADMIN, but then not bridged). Required.
+    pub tap: String,
+    /// The guest's MAC address. Default "02:ca:57:00:00:02".
+    #[serde(default = "default_mac")]
+    pub mac: String,
+    /// The guest's IPv4 address and prefix. Default "10.0.0.2/24".
+    #[serde(default = "default_ip")]
+    pub ip: String,
+    /// Default gateway; absent = none.
+    #[serde(default)]
+    pub gateway: Option<std::net::Ipv4Addr>,
+    /// Counter service port (echo on port + 1). Default 7000.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Counter values per second per client; 0 (default) = as fast as TCP takes them.
+    #[serde(default)]
+    pub rate: u64,
+}
+
 /// The `[replication]` section.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -98,6 +124,13 @@ pub struct ReplicationSection {
     /// Epoch interval in milliseconds, 2 to 1000. Default 25.
     #[serde(default = "default_epoch")]
     pub epoch_ms: u64,
+    /// "fixed" (default: an epoch every epoch_ms) or "output-triggered" (also
+    /// end an epoch as soon as guest output waits and min_epoch_ms passed).
+    #[serde(default = "default_epoch_mode")]
+    pub epoch_mode: String,
+    /// Shortest epoch in output-triggered mode, ms, 1 to epoch_ms. Default 1.
+    #[serde(default = "default_min_epoch")]
+    pub min_epoch_ms: u64,
     /// Epochs in flight (sent, not acked) before the next pause waits. Default 4.
     #[serde(default = "default_in_flight")]
     pub max_in_flight: usize,
@@ -159,6 +192,9 @@ pub struct File {
     /// `[guest]`.
     #[serde(default = "default_guest")]
     pub guest: GuestSection,
+    /// `[net]` (with `workload = "net"`).
+    #[serde(default)]
+    pub net: Option<NetSection>,
     /// `[replication]`.
     pub replication: ReplicationSection,
     /// `[tls]`.
@@ -206,6 +242,17 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// Backup-loss policy.
     pub on_backup_loss: OnBackupLoss,
+    /// The guest's network device (net workload).
+    pub net: Option<NetDevice>,
+}
+
+/// The guest's virtio-net device on this host.
+#[derive(Clone, Debug)]
+pub struct NetDevice {
+    /// Tap interface name.
+    pub tap: String,
+    /// The guest's MAC.
+    pub mac: [u8; 6],
 }
 
 fn one() -> u32 {
@@ -259,6 +306,69 @@ fn default_timeout() -> u64 {
 fn default_policy() -> String {
     "pause".into()
 }
+fn default_mac() -> String {
+    "02:ca:57:00:00:02".into()
+}
+fn default_ip() -> String {
+    "10.0.0.2/24".into()
+}
+fn default_port() -> u16 {
+    7000
+}
+fn default_epoch_mode() -> String {
+    "fixed".into()
+}
+fn default_min_epoch() -> u64 {
+    1
+}
+
+/// Parses `epoch_mode` / `min_epoch_ms` (fields named `replication.*` in errors).
+pub fn parse_epoch_mode(
+    mode: &str,
+    min_epoch_ms: u64,
+    epoch_ms: u64,
+) -> Result<castor_replicator::primary::EpochMode, (&'static str, String)> {
+    match mode {
+        "fixed" => Ok(castor_replicator::primary::EpochMode::Fixed),
+        "output-triggered" => {
+            if min_epoch_ms == 0 || min_epoch_ms > epoch_ms {
+                return Err((
+                    "replication.min_epoch_ms",
+                    format!("{min_epoch_ms}: use 1 to epoch_ms ({epoch_ms})"),
+                ));
+            }
+            Ok(castor_replicator::primary::EpochMode::OutputTriggered {
+                min_epoch: Duration::from_millis(min_epoch_ms),
+            })
+        }
+        other => Err((
+            "replication.epoch_mode",
+            format!("{other:?}: use \"fixed\" or \"output-triggered\""),
+        )),
+    }
+}
+
+/// Parses a MAC address "02:ca:57:00:00:02".
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in mac.iter_mut() {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    if parts.next().is_some() {
+        return None;
+    }
+    Some(mac)
+}
+
+/// Parses "10.0.0.2/24" into the address and the prefix length (1 to 30).
+pub fn parse_cidr(s: &str) -> Option<([u8; 4], u8)> {
+    let (ip, len) = s.split_once('/')?;
+    let ip: std::net::Ipv4Addr = ip.trim().parse().ok()?;
+    let len: u8 = len.trim().parse().ok()?;
+    (1..=30).contains(&len).then_some((ip.octets(), len))
+}
+
 fn default_held() -> String {
     "4M".into()
 }
@@ -320,14 +430,51 @@ impl Config {
             ..VmConfig::default()
         };
         vm.validate().map_err(|e| bad("vm", e.to_string()))?;
-        if f.guest.workload != "dirtier" {
-            return Err(bad(
-                "guest.workload",
-                format!(
-                    "{:?}: only \"dirtier\" is replicated so far",
-                    f.guest.workload
-                ),
-            ));
+        let mut net = None;
+        let mut net_params = None;
+        match (f.guest.workload.as_str(), &f.net) {
+            ("dirtier", _) => {}
+            ("net", Some(n)) => {
+                let mac = parse_mac(&n.mac).ok_or_else(|| {
+                    bad(
+                        "net.mac",
+                        format!("{:?}: use six hex bytes, 02:ca:57:00:00:02", n.mac),
+                    )
+                })?;
+                let (ip, prefix_len) = parse_cidr(&n.ip).ok_or_else(|| {
+                    bad(
+                        "net.ip",
+                        format!("{:?}: use ADDRESS/PREFIX, prefix 1 to 30", n.ip),
+                    )
+                })?;
+                if n.port == u16::MAX || n.port == 0 {
+                    return Err(bad("net.port", format!("{}: use 1 to 65534", n.port)));
+                }
+                net = Some(NetDevice {
+                    tap: n.tap.clone(),
+                    mac,
+                });
+                net_params = Some(NetParams {
+                    ip,
+                    prefix_len,
+                    gateway: n.gateway.map(|g| g.octets()),
+                    mac,
+                    port: n.port,
+                    rate: n.rate,
+                });
+            }
+            ("net", None) => {
+                return Err(bad(
+                    "net",
+                    "workload \"net\" needs a [net] section with at least `tap`".into(),
+                ))
+            }
+            (other, _) => {
+                return Err(bad(
+                    "guest.workload",
+                    format!("{other:?}: use \"dirtier\" or \"net\""),
+                ))
+            }
         }
         let pattern: Pattern = f
             .guest
@@ -380,7 +527,10 @@ impl Config {
                 ))
             }
         };
+        let epoch_mode = parse_epoch_mode(&r.epoch_mode, r.min_epoch_ms, r.epoch_ms)
+            .map_err(|(field, m)| bad(field, m))?;
         let pipeline = castor_replicator::primary::PrimaryConfig {
+            epoch_mode,
             epoch_interval: Duration::from_millis(r.epoch_ms),
             max_in_flight: r.max_in_flight,
             cache_bytes: size("replication.cache", &r.cache)? as usize,
@@ -392,7 +542,10 @@ impl Config {
         Ok(Config {
             vm,
             boot: GuestBoot {
-                workload: Workload::Dirtier(params),
+                workload: match net_params {
+                    Some(n) => Workload::Net(n),
+                    None => Workload::Dirtier(params),
+                },
                 seed: f.guest.seed,
             },
             pipeline,
@@ -405,6 +558,111 @@ impl Config {
             max_held: size("output.max_held", &f.output.max_held)? as usize,
             metrics: f.metrics.listen,
             on_backup_loss,
+            net,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "[vm]\n[replication]\nbackup = \"127.0.0.1:7400\"\n\
+        [tls]\ncert = \"p.crt\"\nkey = \"p.key\"\npeer_cert = \"b.crt\"\n\
+        [output]\nrelease_to = \"127.0.0.1:7500\"\n";
+
+    fn parse(extra_replication: &str, rest: &str) -> Result<Config, ConfigError> {
+        let text = BASE.replace(
+            "[replication]\n",
+            &format!("[replication]\n{extra_replication}"),
+        );
+        Config::parse(
+            &format!("{text}{rest}"),
+            Path::new("/etc/castor/primary.toml"),
+        )
+    }
+
+    #[test]
+    fn net_workload_and_epoch_modes() {
+        let c = parse(
+            "epoch_mode = \"output-triggered\"\nmin_epoch_ms = 2\n",
+            "[guest]\nworkload = \"net\"\n[net]\ntap = \"tap0\"\nmac = \"02:00:00:00:00:09\"\n\
+             ip = \"10.1.2.3/16\"\ngateway = \"10.1.0.1\"\nport = 8000\n",
+        )
+        .unwrap();
+        let dev = c.net.clone().unwrap();
+        assert_eq!(dev.tap, "tap0");
+        assert_eq!(dev.mac, [2, 0, 0, 0, 0, 9]);
+        match &c.boot.workload {
+            Workload::Net(n) => {
+                assert_eq!(n.ip, [10, 1, 2, 3]);
+                assert_eq!(n.prefix_len, 16);
+                assert_eq!(n.gateway, Some([10, 1, 0, 1]));
+                assert_eq!(n.port, 8000);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            c.pipeline.epoch_mode,
+            castor_replicator::primary::EpochMode::OutputTriggered {
+                min_epoch: Duration::from_millis(2)
+            }
+        );
+        let d = parse("", "").unwrap();
+        assert!(d.net.is_none());
+        assert_eq!(
+            d.pipeline.epoch_mode,
+            castor_replicator::primary::EpochMode::Fixed
+        );
+    }
+
+    #[test]
+    fn bad_net_settings_are_refused_with_the_field() {
+        let field = |e: ConfigError| match e {
+            ConfigError::Invalid { field, .. } => field,
+            other => panic!("{other}"),
+        };
+        let net = |s: &str| format!("[guest]\nworkload = \"net\"\n[net]\ntap = \"t\"\n{s}");
+        assert_eq!(
+            field(parse("", "[guest]\nworkload = \"net\"\n").unwrap_err()),
+            "net"
+        );
+        assert_eq!(
+            field(parse("", &net("mac = \"02:00\"\n")).unwrap_err()),
+            "net.mac"
+        );
+        assert_eq!(
+            field(parse("", &net("ip = \"10.0.0.2\"\n")).unwrap_err()),
+            "net.ip"
+        );
+        assert_eq!(
+            field(parse("", &net("port = 0\n")).unwrap_err()),
+            "net.port"
+        );
+        assert_eq!(
+            field(parse("epoch_mode = \"sometimes\"\n", "").unwrap_err()),
+            "replication.epoch_mode"
+        );
+        assert_eq!(
+            field(parse("epoch_mode = \"output-triggered\"\nmin_epoch_ms = 0\n", "").unwrap_err()),
+            "replication.min_epoch_ms"
+        );
+        assert_eq!(
+            field(parse("", "[guest]\nworkload = \"disk\"\n").unwrap_err()),
+            "guest.workload"
+        );
+    }
+
+    #[test]
+    fn mac_and_cidr() {
+        assert_eq!(
+            parse_mac("02:CA:57:00:00:02"),
+            Some([2, 0xca, 0x57, 0, 0, 2])
+        );
+        assert_eq!(parse_mac("02:ca:57:00:00"), None);
+        assert_eq!(parse_mac("02:ca:57:00:00:02:03"), None);
+        assert_eq!(parse_cidr("10.0.0.2/24"), Some(([10, 0, 0, 2], 24)));
+        assert_eq!(parse_cidr("10.0.0.2/31"), None);
+        assert_eq!(parse_cidr("10.0.0/24"), None);
     }
 }

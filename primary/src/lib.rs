@@ -5,10 +5,12 @@
 //! policy) when the backup goes away.
 
 pub mod config;
+pub mod net;
 
 use castor_net_buffer::{OutputBuffer, PushError};
 use castor_replicator::primary::{Primary, PrimaryError, Release};
 use castor_replicator::transport::{self, Identity, PeerCert, TransportConfig};
+use castor_vmm::devices::{NetConfig, Tap, VirtioNet};
 use castor_vmm::{Emit, OutputSink, Record, Vm};
 pub use config::{Config, ConfigError, OnBackupLoss};
 use std::net::{SocketAddr, UdpSocket};
@@ -33,6 +35,18 @@ pub enum DaemonError {
     /// Metrics endpoint.
     #[error("metrics endpoint: {0}")]
     Metrics(String),
+    /// The guest's network device.
+    #[error("network device: {0}")]
+    Net(String),
+}
+
+/// Opens this host's tap for the guest and brings it up.
+pub fn open_tap(name: &str) -> Result<Tap, DaemonError> {
+    let tap = Tap::open(name).map_err(|e| DaemonError::Net(e.to_string()))?;
+    if let Err(e) = tap.set_up() {
+        log::warn!("cannot bring tap {name} up ({e}); assuming it is managed outside");
+    }
+    Ok(tap)
 }
 
 /// The guest's output sink: every record goes into the output-commit buffer
@@ -109,27 +123,57 @@ pub fn start_metrics(listen: Option<SocketAddr>) -> Result<(), DaemonError> {
     Ok(())
 }
 
-/// Runs the primary until killed.
-pub fn run(cfg: Config) -> Result<(), DaemonError> {
+/// The daemons' async runtime (2 workers: QUIC, heartbeats, acks), with the
+/// Prometheus endpoint started on it when configured.
+pub fn daemon_runtime(metrics: Option<SocketAddr>) -> Result<tokio::runtime::Runtime, DaemonError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     {
         let _g = rt.enter();
-        start_metrics(cfg.metrics)?;
+        start_metrics(metrics)?;
     }
+    Ok(rt)
+}
+
+/// Runs the primary until killed.
+pub fn run(cfg: Config) -> Result<(), DaemonError> {
+    let rt = daemon_runtime(cfg.metrics)?;
     let identity = Identity::load(&cfg.cert, &cfg.key)?;
     let peer = PeerCert::load(&cfg.peer_cert)?;
-    let release: Arc<dyn Release> = Arc::new(UdpRelease::new(cfg.release_to)?);
     let buffer = Arc::new(OutputBuffer::new(
         castor_net_buffer::Config::with_max_bytes(cfg.max_held),
     ));
-    let sink = Arc::new(BufferedSink {
-        buffer: buffer.clone(),
-        release: release.clone(),
-    });
-    let vm = Arc::new(Vm::new(&cfg.vm, sink.clone())?);
+    let (vm, release) = match &cfg.net {
+        None => {
+            let release: Arc<dyn Release> = Arc::new(UdpRelease::new(cfg.release_to)?);
+            let sink = Arc::new(BufferedSink {
+                buffer: buffer.clone(),
+                release: release.clone(),
+            });
+            (Arc::new(Vm::new(&cfg.vm, sink)?), release)
+        }
+        Some(dev) => {
+            // The net guest's output is its frames: held in the buffer,
+            // released to this host's tap (`[output] release_to` is unused).
+            let tap = Arc::new(open_tap(&dev.tap)?);
+            let release: Arc<dyn Release> = Arc::new(net::TapRelease::new(tap.clone()));
+            let vm = Arc::new(Vm::new(&cfg.vm, Arc::new(castor_vmm::NullSink))?);
+            vm.devices()
+                .add_virtio_net(VirtioNet::new(NetConfig {
+                    tap,
+                    mac: dev.mac,
+                    tx_sink: Some(Arc::new(net::NetTxSink::new(
+                        buffer.clone(),
+                        release.clone(),
+                    ))),
+                }))
+                .map_err(|e| DaemonError::Net(e.to_string()))?;
+            log::info!("virtio-net on tap {} (MAC {:02x?})", dev.tap, dev.mac);
+            (vm, release)
+        }
+    };
     vm.boot(&cfg.boot)?;
     log::info!(
         "guest booted: {} vCPU(s), {} MiB, dirty tracking {}",
@@ -203,11 +247,13 @@ pub fn protect(
             Ok(conn) => {
                 warned = false;
                 if buffer.is_unprotected() {
+                    // The pipeline holds output again from the first checkpoint
+                    // of the synchronisation (in its pause), not from here: the
+                    // guest's output keeps flowing during the pre-copy.
                     log::warn!(
-                        "backup {} attached: protection resumes after resynchronisation",
+                        "backup {} attached: protection resumes at the first checkpoint of the resynchronisation",
                         p.backup
                     );
-                    let _ = buffer.set_unprotected(false);
                 }
                 if paused_for_loss {
                     vm.resume();

@@ -242,6 +242,20 @@ impl CheckpointEncoder {
                 ),
                 data_out,
             )?;
+            // The virtio devices (transport + backend state), when the VM has
+            // any: the replica restores them at takeover (absent = none).
+            if !state.devices.is_empty() {
+                push(
+                    Frame::new(
+                        e,
+                        wire::Body::DeviceState(wire::DeviceState {
+                            device_id: MMIO_DEVICES_ID.into(),
+                            data: encode_state(&state.devices)?,
+                        }),
+                    ),
+                    data_out,
+                )?;
+            }
         }
         push(
             Frame::new(
@@ -531,9 +545,11 @@ impl Replica {
     ) -> Result<(), CheckpointError> {
         self.check_page(entry.page_number)?;
         self.read_page(entry.page_number, page)?;
-        codec::decode_page(entry.tag, entry.data, page).map_err(|source| CheckpointError::Page {
-            page: entry.page_number,
-            source,
+        codec::decode_page(entry.tag, entry.data, page).map_err(|source| {
+            CheckpointError::Page {
+                page: entry.page_number,
+                source,
+            }
         })?;
         Ok(())
     }

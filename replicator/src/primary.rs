@@ -87,9 +87,26 @@ pub enum Fault {
     Reorder,
 }
 
+/// When an epoch ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EpochMode {
+    /// Every `epoch_interval`.
+    Fixed,
+    /// Every `epoch_interval`, and also as soon as the guest has output
+    /// waiting (the open epoch of the output buffer is not empty) and
+    /// `min_epoch` has passed since the last pause began: held output waits
+    /// about one pause + transfer + ack instead of a whole epoch.
+    OutputTriggered {
+        /// Shortest epoch.
+        min_epoch: Duration,
+    },
+}
+
 /// Primary pipeline settings.
 #[derive(Clone, Debug)]
 pub struct PrimaryConfig {
+    /// When epochs end (default [`EpochMode::Fixed`]).
+    pub epoch_mode: EpochMode,
     /// Testing only: inject `Fault` into the data frames of that epoch (once:
     /// the next session runs clean).
     pub fault: Option<(u64, Fault)>,
@@ -114,6 +131,7 @@ pub struct PrimaryConfig {
 impl Default for PrimaryConfig {
     fn default() -> Self {
         PrimaryConfig {
+            epoch_mode: EpochMode::Fixed,
             epoch_interval: Duration::from_millis(25),
             max_in_flight: 4,
             cache_bytes: 256 << 20,
@@ -423,7 +441,21 @@ impl Primary {
             next += self.cfg.epoch_interval;
             let now = Instant::now();
             if next > now {
-                std::thread::sleep(next - now);
+                match self.cfg.epoch_mode {
+                    EpochMode::Fixed => std::thread::sleep(next - now),
+                    EpochMode::OutputTriggered { min_epoch } => {
+                        // End the epoch at its deadline, or earlier once output
+                        // waits and min_epoch has passed (woken by the push).
+                        let earliest = (self.paused_at + min_epoch).min(next);
+                        if earliest > now {
+                            std::thread::sleep(earliest - now);
+                        }
+                        if self.output.wait_for_open_output(next) {
+                            // Early: the next deadline counts from this pause.
+                            next = Instant::now();
+                        }
+                    }
+                }
             } else {
                 next = now;
             }
@@ -563,6 +595,13 @@ impl Primary {
             copy_pages(&self.vm, &pages, &mut data[..need])?;
             let state = self.vm.capture_state()?;
             self.output.seal(epoch)?;
+            // Output that passed through unprotected (no backup yet, or just
+            // after a takeover) is part of this checkpoint's history: from
+            // here on it is held again. Done in the pause, so the guest's
+            // network is not stalled for the whole initial synchronisation.
+            if self.output.is_unprotected() {
+                let _ = self.output.set_unprotected(false);
+            }
             let memory_digest = verify.then(|| memory_digest(self.vm.memory()));
             Ok(StagedEpoch {
                 epoch,

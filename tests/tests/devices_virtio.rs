@@ -8,7 +8,9 @@ use castor_guest_abi::{layout, pv};
 use castor_vmm::devices::virtio::blk::{S_IOERR, S_OK, S_UNSUPP, T_FLUSH, T_GET_ID, T_IN, T_OUT};
 use castor_vmm::devices::virtio::mmio::reg;
 use castor_vmm::devices::virtio::status;
-use castor_vmm::devices::{BlkConfig, DeviceBus, NetConfig, Tap, TxSink, VirtioBlk, VirtioNet};
+use castor_vmm::devices::{
+    BlkConfig, DeviceBus, NetConfig, Tap, TxOutcome, TxSink, VirtioBlk, VirtioNet,
+};
 use castor_vmm::{memory, GuestMemoryMmap, NetParams};
 use std::sync::{Arc, Mutex};
 use vm_memory::bitmap::Bitmap;
@@ -360,8 +362,9 @@ fn boot_config_page_is_marked_dirty() {
 #[derive(Default)]
 struct Recording(Mutex<Vec<Vec<u8>>>);
 impl TxSink for Recording {
-    fn transmit(&self, frame: &[u8]) {
+    fn transmit(&self, frame: &[u8]) -> TxOutcome {
         self.0.lock().unwrap().push(frame.to_vec());
+        TxOutcome::Sent
     }
 }
 
@@ -479,4 +482,73 @@ fn net_tx_goes_through_the_sink_and_rx_marks_buffers_dirty() {
     }
     assert!(found, "the injected frame did not reach the RX ring");
     assert!(f.dirty(rx.used()), "RX used ring page not marked dirty");
+}
+
+/// A sink that refuses (Full) until `open` is set, then records.
+#[derive(Default)]
+struct Gate {
+    open: std::sync::atomic::AtomicBool,
+    refused: std::sync::atomic::AtomicU32,
+    frames: Mutex<Vec<Vec<u8>>>,
+}
+impl TxSink for Gate {
+    fn transmit(&self, frame: &[u8]) -> TxOutcome {
+        if !self.open.load(std::sync::atomic::Ordering::Relaxed) {
+            self.refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return TxOutcome::Full;
+        }
+        self.frames.lock().unwrap().push(frame.to_vec());
+        TxOutcome::Sent
+    }
+}
+
+#[test]
+fn net_tx_full_sink_leaves_frames_in_the_ring_and_retries_in_order() {
+    let f = Fake::new(memory::create(32 << 20).unwrap());
+    let name = format!("cv{}f", std::process::id() % 100_000);
+    let tap = Arc::new(Tap::open(&name).expect("create tap (needs root)"));
+    struct Del(String);
+    impl Drop for Del {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", &self.0])
+                .output();
+        }
+    }
+    let _del = Del(name);
+    let sink = Arc::new(Gate::default());
+    f.bus
+        .add_virtio_net(VirtioNet::new(NetConfig {
+            tap,
+            mac: [2, 0, 0, 0, 0, 1],
+            tx_sink: Some(sink.clone()),
+        }))
+        .unwrap();
+    let mut qs = f.init(
+        VERSION_1 | EVENT_IDX | (1 << 5),
+        &[(0, 0x40_0000), (1, 0x40_4000)],
+    );
+    let mut tx = qs.pop().unwrap();
+    let frames: Vec<Vec<u8>> = (0..3u8).map(|k| vec![k; 60]).collect();
+    for (i, fr) in frames.iter().enumerate() {
+        let a = 0x48_0000 + i as u64 * 0x1000;
+        f.mem.write_slice(&[0u8; 12], GuestAddress(a)).unwrap();
+        f.mem.write_slice(fr, GuestAddress(a + 12)).unwrap();
+        f.set_desc(&tx, i as u16, a, 72, 0, 0);
+        f.publish(&mut tx, i as u16);
+    }
+    // Full: nothing consumed, nothing dropped, the ring stays full.
+    f.w(reg::QUEUE_NOTIFY, 1);
+    f.w(reg::QUEUE_NOTIFY, 0);
+    assert_eq!(f.pop_used(&mut tx), None, "a refused frame was consumed");
+    assert!(sink.refused.load(std::sync::atomic::Ordering::Relaxed) >= 2);
+    assert!(sink.frames.lock().unwrap().is_empty());
+    // Room again: the next kick (of either queue) sends all three, in order.
+    sink.open.store(true, std::sync::atomic::Ordering::Relaxed);
+    f.w(reg::QUEUE_NOTIFY, 0);
+    for i in 0..3u32 {
+        assert_eq!(f.pop_used(&mut tx), Some((i, 0)));
+    }
+    assert_eq!(sink.frames.lock().unwrap().clone(), frames);
 }

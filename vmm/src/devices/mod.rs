@@ -23,7 +23,7 @@ use virtio::mmio::{VirtioMmio, VirtioMmioState};
 
 pub use tap::{Tap, TapError};
 pub use virtio::blk::{BlkConfig, VirtioBlk};
-pub use virtio::net::{NetConfig, TapTxSink, TxSink, VirtioNet};
+pub use virtio::net::{NetConfig, TapTxSink, TxOutcome, TxSink, VirtioNet};
 
 /// Size of one device's MMIO window.
 pub const WINDOW_SIZE: u64 = 0x1000;

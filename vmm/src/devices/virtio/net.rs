@@ -9,6 +9,13 @@
 //! straight to the tap. The replicator's output-commit buffer plugs in here
 //! and holds frames until their epoch is acknowledged.
 //!
+//! **Back-pressure.** A sink may answer [`TxOutcome::Full`] (its bounded
+//! buffer is full). The device then stops consuming TX descriptors: the
+//! refused chain is put back (not added to the used ring), so the guest sees
+//! its TX ring stay full and nothing is dropped. Every later notification of
+//! either queue (the guest kicks on every loop, TX or idle RX poll) retries
+//! TX first, in order, from the refused frame.
+//!
 //! **RX without a thread.** The built-in guest polls and takes no
 //! interrupts, so RX is pulled on guest notifications: any QueueNotify (the
 //! guest's TX kick, or its idle "poll" kick of the RX queue) first sends
@@ -23,7 +30,6 @@
 //! Received frames are written into guest memory through vm-memory
 //! (`write_slice`), which marks the pages dirty.
 
-use super::blk::drain;
 use super::{BackendState, Processed, VirtioDevice, F_RING_EVENT_IDX, F_VERSION_1, TYPE_NET};
 use crate::devices::tap::{Tap, VNET_HDR_LEN};
 use crate::devices::DeviceError;
@@ -48,7 +54,19 @@ pub const MAX_FRAME: usize = 65_550;
 /// produced them is acknowledged by the backup) before releasing them.
 pub trait TxSink: Send + Sync {
     /// One Ethernet frame (without the virtio-net header) from the guest.
-    fn transmit(&self, frame: &[u8]);
+    /// [`TxOutcome::Full`] refuses it for now: the device keeps the frame in
+    /// the guest's TX ring and offers it again on the next notification.
+    fn transmit(&self, frame: &[u8]) -> TxOutcome;
+}
+
+/// What a [`TxSink`] did with a frame.
+#[must_use]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxOutcome {
+    /// Taken (sent, held or dropped by the sink's own choice).
+    Sent,
+    /// Not taken: the sink is full; offer the same frame again later.
+    Full,
 }
 
 /// The default sink: writes every frame straight to the tap.
@@ -73,12 +91,13 @@ impl TapTxSink {
 }
 
 impl TxSink for TapTxSink {
-    fn transmit(&self, frame: &[u8]) {
+    fn transmit(&self, frame: &[u8]) -> TxOutcome {
         if let Err(e) = self.tap.write_frame(frame) {
             if self.errors.fetch_add(1, Ordering::Relaxed) == 0 {
                 log::warn!("virtio-net: writing to tap {}: {e}", self.tap.name());
             }
         }
+        TxOutcome::Sent
     }
 }
 
@@ -89,6 +108,8 @@ pub struct NetCounters {
     pub tx_frames: AtomicU64,
     /// Malformed TX chains dropped.
     pub tx_dropped: AtomicU64,
+    /// Times the sink refused a frame (full): TX stopped until the next kick.
+    pub tx_full: AtomicU64,
     /// Frames delivered to the guest.
     pub rx_frames: AtomicU64,
     /// Frames dropped because an RX buffer was malformed or too small.
@@ -140,18 +161,56 @@ impl VirtioNet {
     }
 
     fn tx(&self, q: &mut Queue, mem: &GuestMemoryMmap) -> Processed {
+        let mut p = Processed::default();
+        if !q.ready() {
+            return p;
+        }
         let mut frame = Vec::with_capacity(2048);
-        drain(q, mem, |descs| {
-            frame.clear();
-            if let Err(why) = gather(mem, descs, &mut frame) {
-                log::debug!("virtio-net: dropping TX chain: {why}");
-                self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
-                return 0;
+        loop {
+            if q.disable_notification(mem).is_err() {
+                p.broken = true;
+                return p;
             }
-            self.sink.transmit(&frame[VNET_HDR_LEN..]);
-            self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
-            0
-        })
+            while let Some(chain) = q.pop_descriptor_chain(mem) {
+                let head = chain.head_index();
+                let descs: Vec<Descriptor> = chain.collect();
+                frame.clear();
+                match gather(mem, &descs, &mut frame) {
+                    Err(why) => {
+                        log::debug!("virtio-net: dropping TX chain: {why}");
+                        self.counters.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(()) => match self.sink.transmit(&frame[VNET_HDR_LEN..]) {
+                        TxOutcome::Sent => {
+                            self.counters.tx_frames.fetch_add(1, Ordering::Relaxed);
+                        }
+                        TxOutcome::Full => {
+                            // Back-pressure: leave the chain in the ring (not
+                            // used), stop here; the next kick retries it.
+                            q.go_to_previous_position();
+                            self.counters.tx_full.fetch_add(1, Ordering::Relaxed);
+                            if q.enable_notification(mem).is_err() {
+                                p.broken = true;
+                            }
+                            return p;
+                        }
+                    },
+                }
+                if q.add_used(mem, head, 0).is_err() {
+                    p.broken = true;
+                    return p;
+                }
+                p.used += 1;
+            }
+            match q.enable_notification(mem) {
+                Ok(true) => continue,
+                Ok(false) => return p,
+                Err(_) => {
+                    p.broken = true;
+                    return p;
+                }
+            }
+        }
     }
 
     fn rx(&mut self, q: &mut Queue, mem: &GuestMemoryMmap) -> Processed {
