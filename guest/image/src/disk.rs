@@ -75,33 +75,13 @@ impl Blk {
     /// Runs one request of type `ty` at `sector` with `len` data bytes at
     /// BLK_DATA; returns (status, used length).
     pub fn request(&mut self, ty: u32, sector: u64, len: u32) -> (u8, u32) {
-        // SAFETY: BLK_HDR is RAM reserved for the request header and status.
-        unsafe {
-            write_volatile(BLK_HDR as *mut u32, ty);
-            write_volatile((BLK_HDR + 4) as *mut u32, 0);
-            write_volatile((BLK_HDR + 8) as *mut u64, sector);
-            write_volatile((BLK_HDR + 16) as *mut u8, 0xff);
-        }
         let data_flags = if ty == T_OUT { 0 } else { DESC_F_WRITE };
+        let hdr = (BLK_HDR, 16, 0);
+        let status = (BLK_HDR + 16, 1, DESC_F_WRITE);
         if len > 0 {
-            self.q.set_desc(0, BLK_HDR, 16, DESC_F_NEXT, 1);
-            self.q
-                .set_desc(1, BLK_DATA, len, data_flags | DESC_F_NEXT, 2);
-            self.q.set_desc(2, BLK_HDR + 16, 1, DESC_F_WRITE, 0);
+            self.raw_request(ty, sector, &[hdr, (BLK_DATA, len, data_flags), status])
         } else {
-            self.q.set_desc(0, BLK_HDR, 16, DESC_F_NEXT, 2);
-            self.q.set_desc(2, BLK_HDR + 16, 1, DESC_F_WRITE, 0);
-        }
-        self.q.push_avail(0);
-        // The device completes the request inside this exit.
-        self.mmio.notify(0);
-        loop {
-            if let Some((_, used_len)) = self.q.pop_used() {
-                // SAFETY: the status byte, written by the device.
-                let st = unsafe { read_volatile((BLK_HDR + 16) as *const u8) };
-                return (st, used_len);
-            }
-            rt::cpu_relax();
+            self.raw_request(ty, sector, &[hdr, status])
         }
     }
 }
