@@ -96,7 +96,9 @@ fn verified_run(vcpus: u32, rate: &str, epochs: u64) {
         },
     );
     assert!(v.ok(), "output invariant violated: {:?}", v.violations);
-    assert!(v.datagrams > 100, "only {} records released", v.datagrams);
+    // At 5 MiB/s with a record every 64 page touches the guest emits ~20
+    // records/s, so 500 epochs of 5 ms release a few dozen.
+    assert!(v.datagrams >= 20, "only {} records released", v.datagrams);
     assert!(
         v.commit_checked >= v.datagrams - v.unprotected,
         "not every released record was checked against the commit log"
