@@ -456,12 +456,7 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     let mut backup = Backup::new(
         cfg.backup.clone(),
         Box::new(move |shape| {
-            let mem: u64 = shape
-                .memory
-                .iter()
-                .map(|r| r.guest_addr + r.size)
-                .max()
-                .unwrap_or(0);
+            let mem = shape.memory_end();
             let vm = Vm::new(
                 &VmConfig {
                     vcpus: shape.vcpus,

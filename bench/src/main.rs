@@ -5,6 +5,7 @@ mod failover;
 mod harvest;
 mod net;
 mod net_kill;
+mod pair;
 mod pause;
 mod replicate;
 mod report;

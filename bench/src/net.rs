@@ -205,27 +205,14 @@ fn protect(
 ) -> Result<Protection, String> {
     use castor_replicator::backup::{Backup, BackupConfig};
     use castor_replicator::primary::{EpochMode, Primary, PrimaryConfig};
-    use castor_replicator::transport::{self, Identity, TransportConfig};
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("tokio runtime: {e}"))?;
-    let pid = Identity::generate("primary").map_err(|e| format!("identity: {e}"))?;
-    let bid = Identity::generate("backup").map_err(|e| format!("identity: {e}"))?;
-    let listener = {
-        let _g = rt.enter();
-        transport::listen(
-            ([127, 0, 0, 1], 0).into(),
-            &bid,
-            &pid.cert(),
-            &TransportConfig::default(),
-        )
-        .map_err(|e| format!("backup listen: {e}"))?
-    };
-    let addr = listener
-        .local_addr()
-        .map_err(|e| format!("backup address: {e}"))?;
+    use castor_replicator::transport::{self, TransportConfig};
+    let crate::pair::Loopback {
+        rt,
+        primary: pid,
+        backup: bid,
+        listener,
+        addr,
+    } = crate::pair::loopback()?;
     let backup = std::thread::Builder::new()
         .name("bench-backup".into())
         .spawn(move || {
@@ -242,12 +229,7 @@ fn protect(
                     ..Default::default()
                 },
                 Box::new(|shape| {
-                    let mem = shape
-                        .memory
-                        .iter()
-                        .map(|r| r.guest_addr + r.size)
-                        .max()
-                        .unwrap_or(0);
+                    let mem = shape.memory_end();
                     Ok(Arc::new(Vm::new(
                         &VmConfig {
                             vcpus: shape.vcpus,

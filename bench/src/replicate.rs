@@ -29,7 +29,7 @@ use crate::report::{percentile, Output};
 use castor_net_buffer::{OutputBuffer, PushError};
 use castor_replicator::backup::{Backup, BackupConfig, SessionEnd};
 use castor_replicator::primary::{Primary, PrimaryConfig, PrimaryError, PrimaryStatus, Release};
-use castor_replicator::transport::{self, Identity, TransportConfig};
+use castor_replicator::transport::{self, TransportConfig};
 use castor_vmm::{
     DirtierParams, DirtyTracking, Emit, GuestBoot, NullSink, OutputSink, Pattern, Record,
     VcpuRunState, Vm, VmConfig, Workload,
@@ -327,26 +327,13 @@ fn protected(
     seconds: f64,
     verify_every: u64,
 ) -> Result<Protected, String> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| format!("tokio runtime: {e}"))?;
-    let pid = Identity::generate("primary").map_err(|e| format!("identity: {e}"))?;
-    let bid = Identity::generate("backup").map_err(|e| format!("identity: {e}"))?;
-    let listener = {
-        let _g = rt.enter();
-        transport::listen(
-            ([127, 0, 0, 1], 0).into(),
-            &bid,
-            &pid.cert(),
-            &TransportConfig::default(),
-        )
-        .map_err(|e| format!("backup listen: {e}"))?
-    };
-    let addr = listener
-        .local_addr()
-        .map_err(|e| format!("backup address: {e}"))?;
+    let crate::pair::Loopback {
+        rt,
+        primary: pid,
+        backup: bid,
+        listener,
+        addr,
+    } = crate::pair::loopback()?;
 
     let buffer = Arc::new(OutputBuffer::new(
         castor_net_buffer::Config::with_max_bytes(1 << 20),
@@ -380,12 +367,7 @@ fn protected(
                     ..Default::default()
                 },
                 Box::new(|shape| {
-                    let mem = shape
-                        .memory
-                        .iter()
-                        .map(|r| r.guest_addr + r.size)
-                        .max()
-                        .unwrap_or(0);
+                    let mem = shape.memory_end();
                     Ok(Arc::new(Vm::new(
                         &VmConfig {
                             vcpus: shape.vcpus,

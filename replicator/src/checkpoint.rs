@@ -444,13 +444,7 @@ pub struct Replica {
 impl Replica {
     /// A replica over `mem` (a paused VM's memory) of the given shape.
     pub fn new(mem: GuestMemoryMmap, shape: VmShape) -> Self {
-        let bytes: u64 = shape
-            .memory
-            .iter()
-            .map(|r| r.guest_addr + r.size)
-            .max()
-            .unwrap_or(0);
-        let pages = bytes / PAGE_SIZE as u64;
+        let pages = shape.memory_end() / PAGE_SIZE as u64;
         Replica {
             mem,
             shape,

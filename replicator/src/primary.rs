@@ -653,14 +653,7 @@ impl Primary {
         let started = self.vm.start_dirty_tracking();
         self.vm.resume();
         started?;
-        let total_pages: u64 = self
-            .vm
-            .shape()
-            .memory
-            .iter()
-            .map(|r| (r.guest_addr + r.size) / PAGE as u64)
-            .max()
-            .unwrap_or(0);
+        let total_pages = self.vm.shape().memory_end() / PAGE as u64;
         let mut round_pages: Vec<u64> = (0..total_pages).collect();
         for round in 0..=self.cfg.precopy_max_rounds {
             let t = Instant::now();

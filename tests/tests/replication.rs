@@ -98,12 +98,7 @@ fn run_pair(p: Params) -> Outcome {
                     ..Default::default()
                 },
                 Box::new(move |shape| {
-                    let mem = shape
-                        .memory
-                        .iter()
-                        .map(|r| r.guest_addr + r.size)
-                        .max()
-                        .unwrap();
+                    let mem = shape.memory_end();
                     Ok(Arc::new(Vm::new(
                         &VmConfig {
                             vcpus: shape.vcpus,

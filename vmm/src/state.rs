@@ -33,6 +33,18 @@ pub struct VmShape {
     pub memory: Vec<MemoryRegionSpec>,
 }
 
+impl VmShape {
+    /// The first guest-physical address past every memory region: the
+    /// memory size of a VM whose memory starts at 0, as Castor's does.
+    pub fn memory_end(&self) -> u64 {
+        self.memory
+            .iter()
+            .map(|r| r.guest_addr + r.size)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
 /// One vCPU's architectural state.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VcpuState {
