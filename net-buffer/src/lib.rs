@@ -45,6 +45,12 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod persist;
+
+pub use persist::{
+    HeldItem, HeldOutput, HeldOutputError, OutputPart, OUTPUT_PART, OUTPUT_SECTION_VERSION,
+};
+
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};

@@ -701,3 +701,78 @@ fn wait_for_open_output_wakes_on_the_first_push_of_an_epoch() {
     let _ = buf.try_push(b"x".to_vec()).unwrap();
     assert!(!buf.wait_for_open_output(Instant::now() + Duration::from_millis(5)));
 }
+
+mod output_part {
+    use castor_net_buffer::{Config, HeldItem, HeldOutput, OutputBuffer, OutputPart, OUTPUT_PART};
+    use castor_parts::{encode_section, part_conformance, Part, PartError};
+    use std::sync::Arc;
+
+    fn primary_with_output() -> Arc<OutputPart> {
+        let buf: Arc<OutputBuffer> = Arc::new(OutputBuffer::new(Config::default()));
+        for i in 0..5u8 {
+            let _ = buf.try_push(vec![i; 3 + i as usize]).unwrap();
+        }
+        buf.seal(0).unwrap();
+        let _ = buf
+            .try_push(b"open epoch: not in the checkpoint".to_vec())
+            .unwrap();
+        Arc::new(OutputPart::new(buf))
+    }
+
+    part_conformance!(
+        output_part_conforms,
+        || (primary_with_output(), Arc::new(OutputPart::replica())),
+        |sent: &[u8], restaged: &[u8]| {
+            // The replica re-stages exactly what it restored.
+            if sent == restaged {
+                Ok(())
+            } else {
+                Err("differs".to_string())
+            }
+        }
+    );
+
+    #[test]
+    fn staged_output_holds_sealed_items_and_position() {
+        let p = primary_with_output();
+        let staged = p.stage().unwrap();
+        let mut bytes = Vec::new();
+        staged.encode(&mut bytes).unwrap();
+        let replica = OutputPart::replica();
+        let c = replica.check(1, &bytes).unwrap();
+        replica.restore(&c).unwrap();
+        let held = replica.restored().unwrap();
+        assert_eq!(held.next_seq, 6, "the open epoch's item has seq 5");
+        let seqs: Vec<u64> = held.items.iter().map(|i| i.seq).collect();
+        assert_eq!(seqs, [0, 1, 2, 3, 4]);
+        assert_eq!(held.items[4].data, vec![4u8; 7]);
+    }
+
+    #[test]
+    fn malformed_held_output_is_refused() {
+        let replica = OutputPart::replica();
+        let item = |seq| HeldItem { seq, data: vec![1] };
+        for bad in [
+            HeldOutput {
+                next_seq: 5,
+                items: vec![item(3), item(3)],
+            },
+            HeldOutput {
+                next_seq: 5,
+                items: vec![item(4), item(2)],
+            },
+            HeldOutput {
+                next_seq: 5,
+                items: vec![item(5)],
+            },
+        ] {
+            let mut bytes = Vec::new();
+            encode_section(OUTPUT_PART, &bad, &mut bytes).unwrap();
+            assert!(
+                matches!(replica.check(1, &bytes), Err(PartError::Invalid { .. })),
+                "{bad:?} accepted"
+            );
+        }
+        assert!(replica.restored().is_none(), "nothing applied");
+    }
+}
