@@ -1,0 +1,122 @@
+//! Castor's replication wire protocol: fixed, versioned frame headers
+//! followed by a typed payload.
+//!
+//! Every message between the primary and the backup is a *frame*: a 32-byte
+//! header followed by `payload_len` bytes of payload. All integers are
+//! little-endian. The header layout is frozen across protocol versions so a
+//! peer can always parse the header and report [`WireError::UnsupportedVersion`]
+//! instead of garbage.
+//!
+//! # Header (32 bytes)
+//!
+//! | Offset | Size | Field         | Notes                                               |
+//! |-------:|-----:|---------------|-----------------------------------------------------|
+//! | 0      | 4    | magic         | `b"CSTR"`                                           |
+//! | 4      | 2    | version       | protocol version, currently [`PROTOCOL_VERSION`] = 1 |
+//! | 6      | 2    | frame type    | see [`FrameType`]                                   |
+//! | 8      | 8    | epoch         | epoch the frame belongs to (`Ack`: the acked epoch)  |
+//! | 16     | 4    | payload_len   | bytes after the header; `<= Limits::max_payload`    |
+//! | 20     | 4    | payload_crc   | CRC-32 (IEEE, `crc32fast`) of the payload bytes     |
+//! | 24     | 4    | reserved      | must be zero                                        |
+//! | 28     | 4    | header_crc    | CRC-32 of header bytes `0..28`                      |
+//!
+//! Decoding checks, in order: magic (also on a partial header), header CRC,
+//! version, frame type, reserved == 0, `payload_len <= max_payload`, that the
+//! whole payload is present (else [`WireError::Incomplete`] with the number of
+//! missing bytes), payload CRC, then the payload structure. Any byte string
+//! decodes to a frame or a typed error; nothing is allocated before the
+//! relevant length has been checked against [`Limits`].
+//!
+//! # Payloads
+//!
+//! Strings are UTF-8 with the stated length prefix. "rest" means "all
+//! remaining payload bytes". Every payload must be consumed exactly; extra
+//! bytes are [`WireError::Malformed`].
+//!
+//! | Type | Name          | Payload layout                                                                                     |
+//! |-----:|---------------|----------------------------------------------------------------------------------------------------|
+//! | 1    | `Hello`       | `protocol_version u16, role u8 (1 primary, 2 backup), tracker_len u8, vcpus u32, epoch_interval_ms u32, region_count u32, session_id u64, resume_from_epoch u64, tracker [tracker_len], regions [region_count × (guest_addr u64, size u64)]` |
+//! | 2    | `PageBatch`   | `count u32`, then `count ×` entry: `page_number u64, tag u8, len u16, data [len]` (tag/data: see `codec`) |
+//! | 3    | `VcpuState`   | `vcpu_index u32, data [rest]` (opaque serialized vCPU state)                                       |
+//! | 4    | `DeviceState` | `id_len u8, device_id [id_len], data [rest]` (opaque serialized device state)                     |
+//! | 5    | `HeldOutput`  | `count u32`, then `count ×` item: `seq u64, len u32, data [len]`                                    |
+//! | 6    | `EpochEnd`    | `page_count u64, data_frames u32, flags u32 (bit 0: memory digest present), content_digest u64, [memory_digest 32 bytes if bit 0]` |
+//! | 7    | `Ack`         | empty; the acked epoch is the header's epoch                                                       |
+//! | 8    | `Heartbeat`   | `sent_at_nanos u64, last_committed_epoch u64`                                                     |
+//! | 9    | `Error`       | `code u16, message_len u16, message [message_len]`                                                |
+//!
+//! # Epoch completeness and the content digest
+//!
+//! The *data frames* of an epoch are its `PageBatch`, `VcpuState`,
+//! `DeviceState` and `HeldOutput` frames (all carry the epoch in the header).
+//! They may travel on several streams, so they can arrive in any interleaving.
+//! `EpochEnd` (sent last, on the control stream, after all data-stream writes
+//! of the epoch have completed) carries the number of data frames, the number
+//! of page entries and `content_digest`: the wrapping sum over the epoch's data
+//! frames of `mix64(mix64(payload_crc | payload_len << 32) ^ frame_type)`
+//! (`mix64` = the SplitMix64 finalizer). The sum is order-independent, so the
+//! receiver can check it regardless of how frames were spread across streams;
+//! it detects a lost, duplicated or foreign frame. Payload integrity itself is
+//! guaranteed by each frame's CRC. See [`EpochTally`].
+//!
+//! `memory_digest` (optional, for periodic full-memory verification) is a
+//! 32-byte digest of all guest memory after applying the epoch; the wire
+//! format does not interpret it (Castor uses SHA-256 over the regions in
+//! order).
+//!
+//! # Example
+//!
+//! ```
+//! use castor_replicator::wire::{self, Body, Frame, Heartbeat, Limits};
+//!
+//! let frame = Frame {
+//!     epoch: 7,
+//!     body: Body::Heartbeat(Heartbeat { sent_at_nanos: 1, last_committed_epoch: 6 }),
+//! };
+//! let mut buf = Vec::new();
+//! frame.encode(&mut buf).unwrap();
+//! let (decoded, used) = wire::decode(&buf, &Limits::default()).unwrap();
+//! assert_eq!(used, buf.len());
+//! assert_eq!(decoded.to_owned(), frame);
+//!
+//! // A short buffer says how much more is needed (here: the last 8 bytes).
+//! assert_eq!(
+//!     wire::decode(&buf[..40], &Limits::default()).unwrap_err(),
+//!     wire::WireError::Incomplete { needed: 8 },
+//! );
+//! ```
+
+/// Frame magic, the first four bytes of every header.
+pub const MAGIC: [u8; 4] = *b"CSTR";
+/// The protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Size of the fixed frame header.
+pub const HEADER_LEN: usize = 32;
+/// Guest page size.
+pub const PAGE_SIZE: usize = 4096;
+/// Size of the optional full-memory digest carried by `EpochEnd`.
+pub const MEMORY_DIGEST_LEN: usize = 32;
+/// Fixed size of a `PageBatch` entry before its data.
+pub const PAGE_ENTRY_OVERHEAD: usize = 8 + 1 + 2;
+
+mod body;
+mod borrowed;
+mod error;
+mod header;
+mod reader;
+mod tally;
+mod writer;
+
+pub use body::{
+    Body, DeviceState, EpochEnd, ErrorFrame, Frame, Heartbeat, HeldOutput, Hello, MemoryRegion,
+    OutputItem, PageBatch, PageEntry, Role, VcpuState,
+};
+pub use borrowed::{
+    decode, decode_owned, decode_payload, BodyRef, FrameIter, FrameRef, HeldOutputRef,
+    PageBatchRef, PageEntryRef, PageIter,
+};
+pub use error::{Limits, WireError};
+pub use header::{FrameType, Header};
+pub use reader::{read_frame, ReadFrameError};
+pub use tally::{frame_digest, EpochCheck, EpochTally};
+pub use writer::PageBatchWriter;
