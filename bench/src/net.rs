@@ -13,7 +13,7 @@
 
 use crate::report::{percentile, Output};
 use castor_net_buffer::OutputBuffer;
-use castor_primary::net::{NetTxSink, TapRelease};
+use castor_node::{NetTxSink, TapRelease};
 use castor_replicator::primary::Release;
 use castor_vmm::devices::{NetConfig, Tap, VirtioNet};
 use castor_vmm::{GuestBoot, NetParams, NullSink, Vm, VmConfig, Workload};

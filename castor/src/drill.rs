@@ -122,10 +122,10 @@ pub fn drill(a: &DrillArgs) -> Result<(), String> {
     observe::install_interrupt_handler();
     let p = castor_primary::Config::load(&a.primary_config).map_err(|e| e.to_string())?;
     let b = castor_backup::Config::load(&a.backup_config).map_err(|e| e.to_string())?;
-    if p.release_to != b.release_to {
+    if p.release_to != b.takeover.release_to {
         println!(
             "warning: the primary releases to {} but the backup to {}; observing {}",
-            p.release_to, b.release_to, p.release_to
+            p.release_to, b.takeover.release_to, p.release_to
         );
     }
     let obs = Observer::bind(p.release_to).map_err(|e| {
@@ -163,7 +163,7 @@ pub fn drill(a: &DrillArgs) -> Result<(), String> {
             t
         }
         "partition" => {
-            if p.on_backup_loss == castor_primary::OnBackupLoss::Continue {
+            if p.on_backup_loss == castor_node::OnBackupLoss::Continue {
                 println!(
                     "WARNING: the primary's on_backup_loss is \"continue\": a partition makes both sides run (split brain); the check will show it"
                 );

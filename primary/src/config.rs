@@ -1,45 +1,15 @@
 //! `primary.toml`: every field, with its default. Unknown fields are refused
-//! and named; see `configs/primary.toml` for a commented example.
+//! and named; see `configs/primary.toml` for a commented example. The
+//! sections both daemons share (`[tls]`, `[output]`, `[metrics]`) and the
+//! field checks are `castor_node::config`'s.
 
-use castor_vmm::{
-    parse_size, DirtierParams, DirtyTracking, GuestBoot, NetParams, Pattern, VmConfig, Workload,
-};
+pub use castor_node::config::ConfigError;
+use castor_node::config::{self, MetricsSection, OutputSection, TlsFiles, TlsSection, Validator};
+use castor_node::{MacAddr, OnBackupLoss};
+use castor_vmm::{DirtierParams, GuestBoot, NetParams, Pattern, VmConfig, Workload};
 use serde::Deserialize;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
-
-/// A configuration problem, with what to fix.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The TOML is malformed or has a bad or unknown field (the message names it).
-    #[error("{path}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// The parser's message, which names the field and line.
-        message: String,
-    },
-    /// A field has a value out of range.
-    #[error("{path}: field `{field}`: {message}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// The field, as `section.key`.
-        field: &'static str,
-        /// What to fix.
-        message: String,
-    },
-}
+use std::path::Path;
 
 /// The `[vm]` section.
 #[derive(Debug, Deserialize)]
@@ -152,37 +122,6 @@ pub struct ReplicationSection {
     pub on_backup_loss: String,
 }
 
-/// The `[tls]` section: paths relative to the config file.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsSection {
-    /// This host's certificate (PEM), from `castor keygen`.
-    pub cert: PathBuf,
-    /// This host's private key (PEM).
-    pub key: PathBuf,
-    /// The backup's certificate: the only peer accepted.
-    pub peer_cert: PathBuf,
-}
-
-/// The `[output]` section.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OutputSection {
-    /// Where released guest output goes: a UDP address, each record one datagram.
-    pub release_to: SocketAddr,
-    /// Most output held awaiting acks ("4M"); beyond it the guest stalls.
-    #[serde(default = "default_held")]
-    pub max_held: String,
-}
-
-/// The `[metrics]` section.
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsSection {
-    /// Prometheus endpoint, "127.0.0.1:9100"; absent = no endpoint.
-    pub listen: Option<SocketAddr>,
-}
-
 /// The whole file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -206,15 +145,6 @@ pub struct File {
     pub metrics: MetricsSection,
 }
 
-/// What to do when the backup is lost.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OnBackupLoss {
-    /// Hold the guest until a backup returns.
-    Pause,
-    /// Run unprotected, releasing output at once.
-    Continue,
-}
-
 /// A validated configuration.
 #[derive(Debug)]
 pub struct Config {
@@ -228,12 +158,8 @@ pub struct Config {
     pub backup: SocketAddr,
     /// Local bind.
     pub bind: SocketAddr,
-    /// TLS files.
-    pub cert: PathBuf,
-    /// Key.
-    pub key: PathBuf,
-    /// Peer certificate.
-    pub peer_cert: PathBuf,
+    /// This host's TLS identity and the backup's certificate.
+    pub tls: TlsFiles,
     /// Released output destination.
     pub release_to: SocketAddr,
     /// Output cap in bytes.
@@ -252,7 +178,7 @@ pub struct NetDevice {
     /// Tap interface name.
     pub tap: String,
     /// The guest's MAC.
-    pub mac: [u8; 6],
+    pub mac: MacAddr,
 }
 
 fn one() -> u32 {
@@ -321,44 +247,17 @@ fn default_epoch_mode() -> String {
 fn default_min_epoch() -> u64 {
     1
 }
-
-/// Parses `epoch_mode` / `min_epoch_ms` (fields named `replication.*` in errors).
-pub fn parse_epoch_mode(
-    mode: &str,
-    min_epoch_ms: u64,
-    epoch_ms: u64,
-) -> Result<castor_replicator::primary::EpochMode, (&'static str, String)> {
-    match mode {
-        "fixed" => Ok(castor_replicator::primary::EpochMode::Fixed),
-        "output-triggered" => {
-            if min_epoch_ms == 0 || min_epoch_ms > epoch_ms {
-                return Err((
-                    "replication.min_epoch_ms",
-                    format!("{min_epoch_ms}: use 1 to epoch_ms ({epoch_ms})"),
-                ));
-            }
-            Ok(castor_replicator::primary::EpochMode::OutputTriggered {
-                min_epoch: Duration::from_millis(min_epoch_ms),
-            })
-        }
-        other => Err((
-            "replication.epoch_mode",
-            format!("{other:?}: use \"fixed\" or \"output-triggered\""),
-        )),
+fn default_guest() -> GuestSection {
+    GuestSection {
+        workload: default_workload(),
+        dirty_rate: default_rate(),
+        working_set: None,
+        pattern: default_pattern(),
+        bytes_per_page: default_bpp(),
+        record_every: default_record_every(),
+        entropy: yes(),
+        seed: one_u64(),
     }
-}
-
-/// Parses a MAC address "02:ca:57:00:00:02".
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in mac.iter_mut() {
-        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    if parts.next().is_some() {
-        return None;
-    }
-    Some(mac)
 }
 
 /// Parses "10.0.0.2/24" into the address and the prefix length (1 to 30).
@@ -369,86 +268,37 @@ pub fn parse_cidr(s: &str) -> Option<([u8; 4], u8)> {
     (1..=30).contains(&len).then_some((ip.octets(), len))
 }
 
-fn default_held() -> String {
-    "4M".into()
-}
-fn default_guest() -> GuestSection {
-    toml::from_str("").unwrap_or(GuestSection {
-        workload: default_workload(),
-        dirty_rate: default_rate(),
-        working_set: None,
-        pattern: default_pattern(),
-        bytes_per_page: default_bpp(),
-        record_every: default_record_every(),
-        entropy: true,
-        seed: 1,
-    })
-}
-
-/// Parses a tracking mode name.
-pub fn parse_tracking(s: &str) -> Option<DirtyTracking> {
-    match s {
-        "bitmap" => Some(DirtyTracking::Bitmap),
-        "ring" => Some(DirtyTracking::Ring),
-        "auto" => Some(DirtyTracking::Auto),
-        _ => None,
-    }
-}
-
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
-        Self::parse(&text, path)
+        Self::parse(&config::read(path)?, path)
     }
 
     /// Validates the text of a config file (`path` for messages and relative paths).
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let f: File = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.into(),
-            message: e.to_string(),
-        })?;
-        let bad = |field: &'static str, message: String| ConfigError::Invalid {
-            path: path.into(),
-            field,
-            message,
-        };
-        let size = |field: &'static str, v: &str| parse_size(v).map_err(|m| bad(field, m));
-        let dir = path.parent().unwrap_or(Path::new("."));
+        let f: File = config::parse_toml(text, path)?;
+        let v = Validator::new(path);
         let vm = VmConfig {
             vcpus: f.vm.vcpus,
-            mem_bytes: size("vm.memory", &f.vm.memory)?,
-            dirty_tracking: parse_tracking(&f.vm.dirty_tracking).ok_or_else(|| {
-                bad(
-                    "vm.dirty_tracking",
-                    format!("{:?}: use bitmap, ring or auto", f.vm.dirty_tracking),
-                )
-            })?,
+            mem_bytes: v.size("vm.memory", &f.vm.memory)?,
+            dirty_tracking: v.tracking("vm.dirty_tracking", &f.vm.dirty_tracking)?,
             ..VmConfig::default()
         };
-        vm.validate().map_err(|e| bad("vm", e.to_string()))?;
+        vm.validate().map_err(|e| v.invalid("vm", e.to_string()))?;
         let mut net = None;
         let mut net_params = None;
         match (f.guest.workload.as_str(), &f.net) {
             ("dirtier", _) => {}
             ("net", Some(n)) => {
-                let mac = parse_mac(&n.mac).ok_or_else(|| {
-                    bad(
-                        "net.mac",
-                        format!("{:?}: use six hex bytes, 02:ca:57:00:00:02", n.mac),
-                    )
-                })?;
+                let mac = v.mac("net.mac", &n.mac)?;
                 let (ip, prefix_len) = parse_cidr(&n.ip).ok_or_else(|| {
-                    bad(
+                    v.invalid(
                         "net.ip",
                         format!("{:?}: use ADDRESS/PREFIX, prefix 1 to 30", n.ip),
                     )
                 })?;
                 if n.port == u16::MAX || n.port == 0 {
-                    return Err(bad("net.port", format!("{}: use 1 to 65534", n.port)));
+                    return Err(v.invalid("net.port", format!("{}: use 1 to 65534", n.port)));
                 }
                 net = Some(NetDevice {
                     tap: n.tap.clone(),
@@ -458,19 +308,19 @@ impl Config {
                     ip,
                     prefix_len,
                     gateway: n.gateway.map(|g| g.octets()),
-                    mac,
+                    mac: mac.octets(),
                     port: n.port,
                     rate: n.rate,
                 });
             }
             ("net", None) => {
-                return Err(bad(
+                return Err(v.invalid(
                     "net",
-                    "workload \"net\" needs a [net] section with at least `tap`".into(),
+                    "workload \"net\" needs a [net] section with at least `tap`",
                 ))
             }
             (other, _) => {
-                return Err(bad(
+                return Err(v.invalid(
                     "guest.workload",
                     format!("{other:?}: use \"dirtier\" or \"net\""),
                 ))
@@ -480,13 +330,13 @@ impl Config {
             .guest
             .pattern
             .parse()
-            .map_err(|e: castor_vmm::Error| bad("guest.pattern", e.to_string()))?;
+            .map_err(|e: castor_vmm::Error| v.invalid("guest.pattern", e.to_string()))?;
         let params = DirtierParams {
             working_set: match &f.guest.working_set {
-                Some(w) => size("guest.working_set", w)?,
+                Some(w) => v.size("guest.working_set", w)?,
                 None => 0,
             },
-            dirty_rate: size("guest.dirty_rate", &f.guest.dirty_rate)?,
+            dirty_rate: v.size("guest.dirty_rate", &f.guest.dirty_rate)?,
             pattern,
             bytes_per_page: f.guest.bytes_per_page,
             record_every: f.guest.record_every,
@@ -494,49 +344,32 @@ impl Config {
         };
         params
             .to_abi(vm.vcpus, vm.mem_bytes)
-            .map_err(|e| bad("guest", e.to_string()))?;
+            .map_err(|e| v.invalid("guest", e.to_string()))?;
         let r = &f.replication;
-        if !(2..=1000).contains(&r.epoch_ms) {
-            return Err(bad(
-                "replication.epoch_ms",
-                format!("{}: use 2 to 1000", r.epoch_ms),
-            ));
-        }
+        let epoch_interval = v.epoch_ms("replication.epoch_ms", r.epoch_ms)?;
         if r.max_in_flight == 0 || r.max_in_flight > 64 {
-            return Err(bad(
+            return Err(v.invalid(
                 "replication.max_in_flight",
                 format!("{}: use 1 to 64", r.max_in_flight),
             ));
         }
-        if r.heartbeat_ms == 0 || r.timeout_ms <= r.heartbeat_ms {
-            return Err(bad(
-                "replication.timeout_ms",
-                format!(
-                    "{} ms must exceed heartbeat_ms ({})",
-                    r.timeout_ms, r.heartbeat_ms
-                ),
-            ));
-        }
-        let on_backup_loss = match r.on_backup_loss.as_str() {
-            "pause" => OnBackupLoss::Pause,
-            "continue" => OnBackupLoss::Continue,
-            other => {
-                return Err(bad(
-                    "replication.on_backup_loss",
-                    format!("{other:?}: use \"pause\" or \"continue\""),
-                ))
-            }
-        };
-        let epoch_mode = parse_epoch_mode(&r.epoch_mode, r.min_epoch_ms, r.epoch_ms)
-            .map_err(|(field, m)| bad(field, m))?;
+        let (heartbeat, peer_timeout) =
+            v.timeouts("replication.timeout_ms", r.heartbeat_ms, r.timeout_ms)?;
+        let on_backup_loss = v.on_backup_loss("replication.on_backup_loss", &r.on_backup_loss)?;
+        let epoch_mode = v.epoch_mode(
+            ("replication.epoch_mode", "replication.min_epoch_ms"),
+            &r.epoch_mode,
+            r.min_epoch_ms,
+            r.epoch_ms,
+        )?;
         let pipeline = castor_replicator::primary::PrimaryConfig {
             epoch_mode,
-            epoch_interval: Duration::from_millis(r.epoch_ms),
+            epoch_interval,
             max_in_flight: r.max_in_flight,
-            cache_bytes: size("replication.cache", &r.cache)? as usize,
+            cache_bytes: v.size("replication.cache", &r.cache)? as usize,
             verify_memory_every: r.verify_memory_every,
-            heartbeat: Duration::from_millis(r.heartbeat_ms),
-            peer_timeout: Duration::from_millis(r.timeout_ms),
+            heartbeat,
+            peer_timeout,
             ..Default::default()
         };
         Ok(Config {
@@ -551,11 +384,9 @@ impl Config {
             pipeline,
             backup: r.backup,
             bind: r.bind,
-            cert: dir.join(&f.tls.cert),
-            key: dir.join(&f.tls.key),
-            peer_cert: dir.join(&f.tls.peer_cert),
+            tls: f.tls.resolve(&v),
             release_to: f.output.release_to,
-            max_held: size("output.max_held", &f.output.max_held)? as usize,
+            max_held: f.output.max_held_bytes(&v)?,
             metrics: f.metrics.listen,
             on_backup_loss,
             net,
@@ -566,6 +397,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const BASE: &str = "[vm]\n[replication]\nbackup = \"127.0.0.1:7400\"\n\
         [tls]\ncert = \"p.crt\"\nkey = \"p.key\"\npeer_cert = \"b.crt\"\n\
@@ -592,7 +424,8 @@ mod tests {
         .unwrap();
         let dev = c.net.clone().unwrap();
         assert_eq!(dev.tap, "tap0");
-        assert_eq!(dev.mac, [2, 0, 0, 0, 0, 9]);
+        assert_eq!(dev.mac, MacAddr([2, 0, 0, 0, 0, 9]));
+        assert_eq!(dev.mac.to_string(), "02:00:00:00:00:09");
         match &c.boot.workload {
             Workload::Net(n) => {
                 assert_eq!(n.ip, [10, 1, 2, 3]);
@@ -654,13 +487,7 @@ mod tests {
     }
 
     #[test]
-    fn mac_and_cidr() {
-        assert_eq!(
-            parse_mac("02:CA:57:00:00:02"),
-            Some([2, 0xca, 0x57, 0, 0, 2])
-        );
-        assert_eq!(parse_mac("02:ca:57:00:00"), None);
-        assert_eq!(parse_mac("02:ca:57:00:00:02:03"), None);
+    fn cidr() {
         assert_eq!(parse_cidr("10.0.0.2/24"), Some(([10, 0, 0, 2], 24)));
         assert_eq!(parse_cidr("10.0.0.2/31"), None);
         assert_eq!(parse_cidr("10.0.0/24"), None);

@@ -5,7 +5,7 @@
 //! incremental resync with no bad commit. (Two-process tests: replication_e2e.rs.)
 
 use castor_net_buffer::OutputBuffer;
-use castor_primary::BufferedSink;
+use castor_node::BufferedSink;
 use castor_replicator::backup::{Backup, BackupConfig, SessionEnd};
 use castor_replicator::primary::{Fault, Primary, PrimaryConfig, PrimaryError, Release};
 use castor_replicator::transport::{self, Identity, TransportConfig};

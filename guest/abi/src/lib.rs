@@ -167,6 +167,50 @@ impl DeviceConfig {
         out[56..64].copy_from_slice(&self.disk_blocks.to_le_bytes());
         out
     }
+
+    /// Parses [`DeviceConfig::to_bytes`] (e.g. read back from guest memory);
+    /// `None` if `b` is shorter than [`DeviceConfig::SIZE`] or does not start
+    /// with [`DEVICE_CONFIG_MAGIC`] (the VMM wrote no device configuration).
+    pub fn parse(b: &[u8]) -> Option<Self> {
+        let b: &[u8; Self::SIZE] = b.get(..Self::SIZE)?.try_into().ok()?;
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let u64_at = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[i..i + 8]);
+            u64::from_le_bytes(w)
+        };
+        let four = |i: usize| [b[i], b[i + 1], b[i + 2], b[i + 3]];
+        let magic = u64_at(0);
+        if magic != DEVICE_CONFIG_MAGIC {
+            return None;
+        }
+        let mut mac = [0u8; 8];
+        mac.copy_from_slice(&b[24..32]);
+        Some(DeviceConfig {
+            magic,
+            net_mmio: u64_at(8),
+            blk_mmio: u64_at(16),
+            mac,
+            ipv4: four(32),
+            prefix_len: u32_at(36),
+            gateway: four(40),
+            port: u32_at(44),
+            rate: u64_at(48),
+            disk_blocks: u64_at(56),
+        })
+    }
+
+    /// The guest's MAC address (the first six bytes of `mac`).
+    pub fn mac_address(&self) -> [u8; 6] {
+        [
+            self.mac[0],
+            self.mac[1],
+            self.mac[2],
+            self.mac[3],
+            self.mac[4],
+            self.mac[5],
+        ]
+    }
 }
 
 /// The byte the disk workload writes at offset `i` of block `block` (seeded).
@@ -411,6 +455,10 @@ mod tests {
             core::slice::from_raw_parts(&c as *const DeviceConfig as *const u8, DeviceConfig::SIZE)
         };
         assert_eq!(&c.to_bytes()[..], raw);
+        assert_eq!(DeviceConfig::parse(&c.to_bytes()), Some(c));
+        assert_eq!(c.mac_address(), [2, 0, 0, 0, 0, 9]);
+        assert_eq!(DeviceConfig::parse(&c.to_bytes()[..63]), None);
+        assert_eq!(DeviceConfig::parse(&[0u8; 64]), None);
         assert!(layout::DEVICE_CONFIG_ADDR + DeviceConfig::SIZE as u64 <= layout::PML4_ADDR);
     }
 

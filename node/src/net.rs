@@ -1,4 +1,4 @@
-//! Packet output commit for the guest's virtio-net device.
+//! Packet output commit for the guest's virtio-net device, on this host's tap.
 //!
 //! * [`NetTxSink`] is the device's [`TxSink`]: every frame the guest
 //!   transmits is pushed into the output-commit buffer, held and tagged with
@@ -7,16 +7,55 @@
 //!   nothing is dropped). In unprotected mode the frame passes through at once.
 //! * [`TapRelease`] is the [`Release`] sink: frames released by `Ack(e)` are
 //!   written to this host's tap, in sequence order.
-//! * [`gratuitous_arp`] builds the frame a backup sends on its tap after a
-//!   takeover so bridges and peers learn the guest's MAC on the new port.
+//! * [`open_tap`] opens (and brings up) the tap; [`drain_stale_frames`]
+//!   empties its queue before a restored guest reads it.
 //!
 //! Inbound frames are not buffered: the device reads the tap directly.
 
 use castor_net_buffer::{OutputBuffer, PushError, Pushed};
 use castor_replicator::primary::Release;
-use castor_vmm::devices::{Tap, TxOutcome, TxSink};
+use castor_vmm::devices::{DeviceError, Tap, TapError, TxOutcome, TxSink};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+/// The guest's network device could not be set up on this host.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The tap could not be opened.
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    /// The virtio-net device could not be added to the VM.
+    #[error("virtio-net: {0}")]
+    Device(#[from] DeviceError),
+}
+
+/// Opens this host's tap for the guest and brings it up (a tap that cannot
+/// be brought up is assumed to be managed outside: logged, not refused).
+pub fn open_tap(name: &str) -> Result<Tap, NetError> {
+    let tap = Tap::open(name)?;
+    if let Err(e) = tap.set_up() {
+        log::warn!("cannot bring tap {name} up ({e}); assuming it is managed outside");
+    }
+    Ok(tap)
+}
+
+/// Drops the frames queued on `tap` (at most 100 000), returning how many:
+/// used before a restored guest runs, so that it does not see frames queued
+/// while the replica was not running (broadcasts and frames flooded before
+/// the LAN learned the guest's port, possibly seconds old). Anything still
+/// needed is sent again by its peers (TCP retransmits what the committed
+/// state has not seen).
+pub fn drain_stale_frames(tap: &Tap) -> u32 {
+    let mut buf = vec![0u8; 65_536];
+    let mut dropped = 0u32;
+    while dropped < 100_000 {
+        match tap.read_frame(&mut buf) {
+            Ok(Some(_)) => dropped += 1,
+            Ok(None) | Err(_) => break,
+        }
+    }
+    dropped
+}
 
 /// The guest's TX frames go into the output-commit buffer.
 pub struct NetTxSink {
@@ -81,6 +120,11 @@ impl TapRelease {
             }
         }
     }
+
+    /// The tap.
+    pub fn tap(&self) -> &Tap {
+        &self.tap
+    }
 }
 
 impl Release for TapRelease {
@@ -89,48 +133,5 @@ impl Release for TapRelease {
             self.send(frame);
         }
         metrics::counter!("castor_released_frames_total").increment(items.len() as u64);
-    }
-}
-
-/// A gratuitous ARP for `ip` at `mac`: a broadcast ARP frame with the
-/// sender and target protocol address both `ip` (RFC 5227 announcement),
-/// padded to the 60-byte Ethernet minimum. `reply` picks the ARP reply form
-/// (opcode 2) instead of the request form (opcode 1); some peers update
-/// their caches only on one of them, so a takeover sends both.
-pub fn gratuitous_arp(mac: [u8; 6], ip: [u8; 4], reply: bool) -> Vec<u8> {
-    let mut f = Vec::with_capacity(60);
-    f.extend_from_slice(&[0xff; 6]);
-    f.extend_from_slice(&mac);
-    f.extend_from_slice(&[0x08, 0x06]); // ARP
-    f.extend_from_slice(&[0x00, 0x01, 0x08, 0x00, 6, 4]); // Ethernet, IPv4
-    f.extend_from_slice(&[0x00, if reply { 2 } else { 1 }]);
-    f.extend_from_slice(&mac);
-    f.extend_from_slice(&ip);
-    if reply {
-        f.extend_from_slice(&mac);
-    } else {
-        f.extend_from_slice(&[0; 6]);
-    }
-    f.extend_from_slice(&ip);
-    f.resize(60, 0);
-    f
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn garp_layout() {
-        let f = gratuitous_arp([2, 0xca, 0x57, 0, 0, 2], [10, 0, 0, 2], false);
-        assert_eq!(f.len(), 60);
-        assert_eq!(&f[0..6], &[0xff; 6]);
-        assert_eq!(&f[12..14], &[8, 6]);
-        assert_eq!(&f[20..22], &[0, 1]);
-        assert_eq!(&f[28..32], &[10, 0, 0, 2]);
-        assert_eq!(&f[38..42], &[10, 0, 0, 2]);
-        let r = gratuitous_arp([2, 0xca, 0x57, 0, 0, 2], [10, 0, 0, 2], true);
-        assert_eq!(&r[20..22], &[0, 2]);
-        assert_eq!(&r[32..38], &[2, 0xca, 0x57, 0, 0, 2]);
     }
 }
