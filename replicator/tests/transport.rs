@@ -3,15 +3,15 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use castor_parts::{PartId, PartKind};
 use castor_replicator::codec::{PageEncoder, PAGE_SIZE};
 use castor_replicator::transport::{
     self, data_stream_for_page, Connection, Identity, Listener, PeerCert, TransportConfig,
     TransportError,
 };
 use castor_replicator::wire::{
-    self, Body, DeviceState, EpochCheck, EpochEnd, EpochTally, ErrorFrame, Frame, Heartbeat,
-    HeldOutput, Hello, MemoryRegion, OutputItem, PageBatch, PageBatchWriter, PageEntry, Role,
-    VcpuState, WireError, PROTOCOL_VERSION,
+    self, Body, EpochCheck, EpochEnd, EpochTally, ErrorFrame, Frame, Heartbeat, Hello, PageBatch,
+    PageBatchWriter, PageEntry, Role, Section, SectionWriter, WireError, PROTOCOL_VERSIONS,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -59,17 +59,14 @@ fn all_frames() -> Vec<Frame> {
         Frame::new(
             0,
             Body::Hello(Hello {
-                protocol_version: PROTOCOL_VERSION,
+                versions: PROTOCOL_VERSIONS,
                 role: Role::Primary,
-                vcpus: 2,
-                memory_regions: vec![MemoryRegion {
-                    guest_addr: 0,
-                    size: 1 << 30,
-                }],
                 tracker: "kvm-dirty-log".into(),
                 epoch_interval_ms: 25,
                 session_id: 99,
                 resume_from_epoch: 0,
+                generation: 4,
+                manifest: vec![5; 300],
             }),
         ),
         Frame::new(
@@ -91,25 +88,26 @@ fn all_frames() -> Vec<Frame> {
         ),
         Frame::new(
             1,
-            Body::VcpuState(VcpuState {
-                vcpu_index: 1,
+            Body::Section(Section {
+                part: PartId::new(PartKind::Vcpu, 1),
+                version: 1,
                 data: vec![1; 1000],
             }),
         ),
         Frame::new(
             1,
-            Body::DeviceState(DeviceState {
-                device_id: "serial0".into(),
+            Body::Section(Section {
+                part: PartId::new(PartKind::Legacy, 0),
+                version: 1,
                 data: vec![2; 100],
             }),
         ),
         Frame::new(
             1,
-            Body::HeldOutput(HeldOutput {
-                items: vec![OutputItem {
-                    seq: 7,
-                    data: b"login: ".to_vec(),
-                }],
+            Body::Section(Section {
+                part: PartId::new(PartKind::Output, 0),
+                version: 1,
+                data: b"login: ".to_vec(),
             }),
         ),
         Frame::new(
@@ -127,6 +125,7 @@ fn all_frames() -> Vec<Frame> {
             Body::Heartbeat(Heartbeat {
                 sent_at_nanos: 5,
                 last_committed_epoch: 1,
+                generation: 6,
             }),
         ),
         Frame::new(
@@ -175,10 +174,45 @@ async fn every_frame_type_round_trips_over_mtls() {
             Body::Heartbeat(Heartbeat {
                 sent_at_nanos: 1,
                 last_committed_epoch: 2,
+                generation: 3,
             }),
         );
         p.server.send_datagram_frame(&hb).unwrap();
         assert_eq!(p.client.recv_datagram_frame().await.unwrap(), hb);
+        // Negotiated down to version 2, the generation does not travel.
+        p.server.set_version(2);
+        p.server.send_datagram_frame(&hb).unwrap();
+        let Body::Heartbeat(got) = p.client.recv_datagram_frame().await.unwrap().body else {
+            panic!("expected a heartbeat");
+        };
+        assert_eq!(
+            got,
+            Heartbeat {
+                sent_at_nanos: 1,
+                last_committed_epoch: 2,
+                generation: 0
+            }
+        );
+        // A stream sender set to version 2 sends version-2 frames.
+        let mut old = p.client.open_data().await.unwrap();
+        old.set_version(2);
+        let h = old.send(&hb).await.unwrap();
+        assert_eq!((h.version, h.payload_len), (2, 16));
+        old.send(&all_frames()[2]).await.unwrap();
+        old.finish().unwrap();
+        let mut orx = p.server.accept_data().await.unwrap();
+        let f = orx.recv().await.unwrap().unwrap();
+        assert_eq!(f.header.version, 2);
+        assert_eq!(
+            f.to_owned().body,
+            Body::Heartbeat(Heartbeat {
+                generation: 0,
+                ..got
+            })
+        );
+        let f = orx.recv().await.unwrap().unwrap();
+        assert_eq!(f.header.version, 2);
+        assert_eq!(f.to_owned(), all_frames()[2]);
         p.client.close(transport::CLOSE_OK, "done");
     })
     .await
@@ -260,15 +294,22 @@ async fn epoch_split_across_data_streams() {
             let pages = wire::decode(b, p.client.limits()).unwrap().0.page_count();
             tally.add(h, pages);
         }
-        // Also some device state on stream 0.
+        // Also some part state on stream 0, owned and built in place.
         let dev = Frame::new(
             EPOCH,
-            Body::DeviceState(DeviceState {
-                device_id: "rtc".into(),
+            Body::Section(Section {
+                part: PartId::new(PartKind::KvmVm, 0),
+                version: 1,
                 data: vec![1, 2, 3],
             }),
         );
         let h = streams[0].send(&dev).await.unwrap();
+        tally.add(&h, 0);
+        let mut sbuf = Vec::new();
+        let mut w = SectionWriter::begin(&mut sbuf, EPOCH, PartId::new(PartKind::Vcpu, 0), 1);
+        w.data().extend_from_slice(&[4; 500]);
+        let h = w.finish().unwrap();
+        streams[1].send_encoded(&sbuf).await.unwrap();
         tally.add(&h, 0);
         ctl.send(&Frame::new(EPOCH, Body::EpochEnd(tally.epoch_end(None))))
             .await

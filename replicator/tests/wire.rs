@@ -1,11 +1,12 @@
 //! Wire protocol tests: round trips, every error variant, truncation,
 //! random inputs.
 
+use castor_parts::{PartId, PartKind, VersionRange};
 use castor_replicator::wire::{
-    self, Body, BodyRef, DeviceState, EpochCheck, EpochEnd, EpochTally, ErrorFrame, Frame,
-    FrameIter, FrameType, Header, Heartbeat, HeldOutput, Hello, Limits, MemoryRegion, OutputItem,
-    PageBatch, PageBatchWriter, PageEntry, ReadFrameError, Role, VcpuState, WireError, HEADER_LEN,
-    PROTOCOL_VERSION,
+    self, Body, BodyRef, EpochCheck, EpochEnd, EpochTally, ErrorFrame, Frame, FrameIter, FrameType,
+    Header, Heartbeat, Hello, Limits, PageBatch, PageBatchWriter, PageEntry, ReadFrameError, Role,
+    Section, SectionRef, SectionWriter, WireError, HEADER_LEN, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION, PROTOCOL_VERSIONS,
 };
 use rand::{Rng, RngCore, SeedableRng};
 
@@ -14,36 +15,27 @@ fn samples() -> Vec<Frame> {
         Frame::new(
             0,
             Body::Hello(Hello {
-                protocol_version: PROTOCOL_VERSION,
+                versions: PROTOCOL_VERSIONS,
                 role: Role::Primary,
-                vcpus: 4,
-                memory_regions: vec![
-                    MemoryRegion {
-                        guest_addr: 0,
-                        size: 0xc000_0000,
-                    },
-                    MemoryRegion {
-                        guest_addr: 0x1_0000_0000,
-                        size: 0x4000_0000,
-                    },
-                ],
                 tracker: "kvm-dirty-log".into(),
                 epoch_interval_ms: 25,
                 session_id: 0xdead_beef_1234,
                 resume_from_epoch: 17,
+                generation: 0x0102_0304_0506_0708,
+                manifest: (0..=255u8).cycle().take(700).collect(),
             }),
         ),
         Frame::new(
             0,
             Body::Hello(Hello {
-                protocol_version: PROTOCOL_VERSION,
+                versions: VersionRange::only(PROTOCOL_VERSION),
                 role: Role::Backup,
-                vcpus: 1,
-                memory_regions: vec![],
                 tracker: String::new(),
                 epoch_interval_ms: 0,
                 session_id: 0,
                 resume_from_epoch: 0,
+                generation: 0,
+                manifest: vec![],
             }),
         ),
         Frame::new(
@@ -71,31 +63,26 @@ fn samples() -> Vec<Frame> {
         Frame::new(5, Body::PageBatch(PageBatch::default())),
         Frame::new(
             5,
-            Body::VcpuState(VcpuState {
-                vcpu_index: 3,
+            Body::Section(Section {
+                part: PartId::new(PartKind::Vcpu, 3),
+                version: 1,
                 data: (0..200u8).collect(),
             }),
         ),
         Frame::new(
             5,
-            Body::DeviceState(DeviceState {
-                device_id: "serial0".into(),
+            Body::Section(Section {
+                part: PartId::new(PartKind::Mmio, 0xdead_beef),
+                version: 0xfffe,
                 data: vec![9; 33],
             }),
         ),
         Frame::new(
             5,
-            Body::HeldOutput(HeldOutput {
-                items: vec![
-                    OutputItem {
-                        seq: 1,
-                        data: b"hello\n".to_vec(),
-                    },
-                    OutputItem {
-                        seq: 2,
-                        data: vec![],
-                    },
-                ],
+            Body::Section(Section {
+                part: PartId::new(PartKind::Output, 0),
+                version: 0,
+                data: vec![],
             }),
         ),
         Frame::new(
@@ -122,6 +109,7 @@ fn samples() -> Vec<Frame> {
             Body::Heartbeat(Heartbeat {
                 sent_at_nanos: 123_456_789,
                 last_committed_epoch: 5,
+                generation: 0xfeed_0000_0000_0042,
             }),
         ),
         Frame::new(
@@ -150,15 +138,46 @@ fn reseal(frame: &mut [u8]) {
 
 /// Builds a frame with an arbitrary payload and correct CRCs.
 fn raw_frame(ty: u16, epoch: u64, payload: &[u8]) -> Vec<u8> {
+    raw_frame_at(PROTOCOL_VERSION, ty, epoch, payload)
+}
+
+/// [`raw_frame`] with an arbitrary header version.
+fn raw_frame_at(version: u16, ty: u16, epoch: u64, payload: &[u8]) -> Vec<u8> {
     let mut b = vec![0u8; HEADER_LEN];
     b[0..4].copy_from_slice(b"CSTR");
-    b[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+    b[4..6].copy_from_slice(&version.to_le_bytes());
     b[6..8].copy_from_slice(&ty.to_le_bytes());
     b[8..16].copy_from_slice(&epoch.to_le_bytes());
     b[16..20].copy_from_slice(&(payload.len() as u32).to_le_bytes());
     b.extend_from_slice(payload);
     reseal(&mut b);
     b
+}
+
+/// A `Hello` payload laid out by hand: the 40-byte fixed prefix, the tracker
+/// name, then `manifest` (whose declared length is `manifest_len`).
+fn hello_payload(
+    min: u16,
+    max: u16,
+    tracker: &[u8],
+    manifest_len: u32,
+    manifest: &[u8],
+) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&min.to_le_bytes());
+    p.extend_from_slice(&max.to_le_bytes());
+    p.push(1); // primary
+    p.push(tracker.len() as u8);
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(&25u32.to_le_bytes());
+    p.extend_from_slice(&7u64.to_le_bytes());
+    p.extend_from_slice(&3u64.to_le_bytes());
+    p.extend_from_slice(&9u64.to_le_bytes());
+    p.extend_from_slice(&manifest_len.to_le_bytes());
+    assert_eq!(p.len(), 40);
+    p.extend_from_slice(tracker);
+    p.extend_from_slice(manifest);
+    p
 }
 
 fn err(bytes: &[u8], limits: &Limits) -> WireError {
@@ -181,7 +200,7 @@ fn round_trip_every_frame_type() {
         seen.insert(f.body.frame_type() as u16);
         all.extend_from_slice(&bytes);
     }
-    assert_eq!(seen.len(), 9, "all nine frame types covered");
+    assert_eq!(seen.len(), 7, "all seven frame types covered");
     // Back to back in one buffer.
     let frames: Vec<Frame> = FrameIter::new(&all, &limits)
         .map(|f| f.unwrap().to_owned())
@@ -279,21 +298,46 @@ fn bad_magic() {
 
 #[test]
 fn unsupported_version() {
-    let mut b = encode(&samples()[9]);
-    b[4..6].copy_from_slice(&2u16.to_le_bytes());
-    reseal(&mut b);
-    assert_eq!(
+    assert_eq!((MIN_PROTOCOL_VERSION, PROTOCOL_VERSION), (2, 3));
+    assert_eq!(PROTOCOL_VERSIONS, VersionRange::new(2, 3));
+    for got in [0u16, 1, 4, 0xffff] {
+        let mut b = encode(&samples()[9]);
+        b[4..6].copy_from_slice(&got.to_le_bytes());
+        reseal(&mut b);
+        assert_eq!(
+            err(&b, &Limits::default()),
+            WireError::UnsupportedVersion {
+                got,
+                min: 2,
+                max: 3
+            },
+            "version {got}"
+        );
+    }
+    // Version 1 is refused whatever its frame type, also an otherwise valid one.
+    let b = raw_frame_at(1, FrameType::Ack as u16, 1, &[]);
+    assert!(matches!(
         err(&b, &Limits::default()),
         WireError::UnsupportedVersion {
-            got: 2,
-            supported: PROTOCOL_VERSION
+            got: 1,
+            min: 2,
+            max: 3
         }
-    );
+    ));
+    let msg = err(&b, &Limits::default()).to_string();
+    assert!(msg.contains("version 1") && msg.contains("2 to 3"), "{msg}");
+    // Both spoken versions are accepted.
+    for v in [2u16, 3] {
+        let b = raw_frame_at(v, FrameType::Ack as u16, 1, &[]);
+        let (f, _) = wire::decode(&b, &Limits::default()).unwrap();
+        assert_eq!((f.header.version, f.body), (v, BodyRef::Ack));
+    }
 }
 
 #[test]
 fn unknown_frame_type() {
-    for ty in [0u16, 10, 0xffff] {
+    // 3, 4 and 5 (protocol 1's state frames) are retired.
+    for ty in [0u16, 3, 4, 5, 11, 0xffff] {
         let b = raw_frame(ty, 1, &[]);
         assert_eq!(
             err(&b, &Limits::default()),
@@ -344,7 +388,7 @@ fn reserved_header_field_must_be_zero() {
 #[test]
 fn payload_too_large_without_allocating() {
     // A header announcing 4 GiB, followed by nothing: refused from the header alone.
-    let mut b = raw_frame(FrameType::VcpuState as u16, 1, &[]);
+    let mut b = raw_frame(FrameType::Section as u16, 1, &[]);
     b[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
     let h = crc32fast::hash(&b[..28]);
     b[28..32].copy_from_slice(&h.to_le_bytes());
@@ -400,8 +444,6 @@ fn page_number_out_of_range() {
 fn too_many_entries() {
     let limits = Limits {
         max_batch_entries: 2,
-        max_regions: 1,
-        max_output_items: 1,
         ..Limits::default()
     };
     assert!(matches!(
@@ -409,22 +451,6 @@ fn too_many_entries() {
         WireError::TooManyEntries {
             count: 3,
             cap: 2,
-            ..
-        }
-    ));
-    assert!(matches!(
-        err(&encode(&samples()[0]), &limits),
-        WireError::TooManyEntries {
-            count: 2,
-            cap: 1,
-            ..
-        }
-    ));
-    assert!(matches!(
-        err(&encode(&samples()[6]), &limits),
-        WireError::TooManyEntries {
-            count: 2,
-            cap: 1,
             ..
         }
     ));
@@ -436,11 +462,20 @@ fn too_many_entries() {
         err(&b, &Limits::default()),
         WireError::TooManyEntries { .. }
     ));
-    let b = raw_frame(FrameType::HeldOutput as u16, 1, &p);
-    assert!(matches!(
+    // A Hello declaring a 4 GiB manifest in a 40-byte payload: the same.
+    let b = raw_frame(
+        FrameType::Hello as u16,
+        0,
+        &hello_payload(2, 3, b"", u32::MAX, &[]),
+    );
+    assert_eq!(
         err(&b, &Limits::default()),
-        WireError::TooManyEntries { .. }
-    ));
+        WireError::TooManyEntries {
+            what: "manifest bytes",
+            count: u32::MAX.into(),
+            cap: 64 << 10
+        }
+    );
 }
 
 #[test]
@@ -459,23 +494,22 @@ fn strings_too_long_and_invalid_utf8() {
         }
     ));
     assert!(matches!(
-        err(&encode(&samples()[5]), &limits),
-        WireError::StringTooLong {
-            what: "device id",
-            ..
-        }
-    ));
-    assert!(matches!(
         err(&encode(&samples()[11]), &limits),
         WireError::StringTooLong {
             what: "error message",
             ..
         }
     ));
-    let b = raw_frame(FrameType::DeviceState as u16, 1, &[2, 0xff, 0xfe, 1, 2]);
+    let b = raw_frame(
+        FrameType::Hello as u16,
+        0,
+        &hello_payload(2, 3, &[0xff, 0xfe], 0, &[]),
+    );
     assert_eq!(
         err(&b, &Limits::default()),
-        WireError::InvalidUtf8 { what: "device id" }
+        WireError::InvalidUtf8 {
+            what: "hello tracker name"
+        }
     );
     let b = raw_frame(FrameType::Error as u16, 1, &[1, 0, 1, 0, 0x80]);
     assert_eq!(
@@ -486,16 +520,32 @@ fn strings_too_long_and_invalid_utf8() {
     );
     // Encoding refuses strings the format cannot carry and leaves the buffer alone.
     let mut buf = vec![1, 2, 3];
+    let Body::Hello(mut hello) = samples()[0].body.clone() else {
+        unreachable!()
+    };
+    hello.tracker = "x".repeat(300);
+    let f = Frame::new(0, Body::Hello(hello));
+    assert!(matches!(
+        f.encode(&mut buf),
+        Err(WireError::StringTooLong {
+            what: "tracker name",
+            ..
+        })
+    ));
+    assert_eq!(buf, vec![1, 2, 3]);
     let f = Frame::new(
         0,
-        Body::DeviceState(DeviceState {
-            device_id: "x".repeat(300),
-            data: vec![],
+        Body::Error(ErrorFrame {
+            code: 1,
+            message: "y".repeat(70_000),
         }),
     );
     assert!(matches!(
         f.encode(&mut buf),
-        Err(WireError::StringTooLong { .. })
+        Err(WireError::StringTooLong {
+            what: "error message",
+            ..
+        })
     ));
     assert_eq!(buf, vec![1, 2, 3]);
 }
@@ -522,16 +572,37 @@ fn malformed_payloads() {
     assert!(is_malformed(m(FrameType::PageBatch, &p3)));
     assert!(is_malformed(m(FrameType::PageBatch, &[1, 0])));
     assert!(is_malformed(m(FrameType::Ack, &[0])));
-    assert!(is_malformed(m(FrameType::Heartbeat, &[0; 15])));
-    assert!(is_malformed(m(FrameType::Heartbeat, &[0; 17])));
-    assert!(is_malformed(m(FrameType::VcpuState, &[0; 3])));
-    assert!(is_malformed(m(FrameType::DeviceState, &[])));
-    assert!(is_malformed(m(FrameType::DeviceState, &[4, b'a'])));
-    assert!(is_malformed(m(FrameType::HeldOutput, &[1, 0, 0, 0, 0])));
+    // Heartbeat: 24 bytes in version 3 (16 in version 2, see below).
+    for n in [0, 15, 16, 17, 23, 25] {
+        assert!(is_malformed(m(FrameType::Heartbeat, &vec![0; n])), "{n}");
+    }
+    for n in [15, 17, 24] {
+        let b = raw_frame_at(2, FrameType::Heartbeat as u16, 1, &vec![0; n]);
+        assert!(is_malformed(err(&b, &l)), "version 2, {n} bytes");
+    }
+    // Section: shorter than its 8-byte prefix.
+    for n in 0..8 {
+        let mut p = vec![0u8; n];
+        if n > 0 {
+            p[0] = PartKind::Vcpu as u8;
+        }
+        assert!(is_malformed(m(FrameType::Section, &p)), "{n}");
+    }
     assert!(is_malformed(m(FrameType::Error, &[1, 0, 9, 0, b'a'])));
-    let mut short_hello = [0u8; 31];
-    short_hello[2] = 1;
-    assert!(is_malformed(m(FrameType::Hello, &short_hello)));
+    // Hello shorter than its 40-byte fixed prefix, at every length.
+    let full = hello_payload(2, 3, b"", 0, &[]);
+    for n in 0..full.len() {
+        assert!(is_malformed(m(FrameType::Hello, &full[..n])), "{n}");
+    }
+    assert!(wire::decode(&raw_frame(FrameType::Hello as u16, 0, &full), &l).is_ok());
+    // Hello's reserved field must be zero.
+    let mut h = full.clone();
+    h[6] = 1;
+    assert!(is_malformed(m(FrameType::Hello, &h)));
+    // Hello: tracker name longer than the payload.
+    let mut h = full.clone();
+    h[5] = 10;
+    assert!(is_malformed(m(FrameType::Hello, &h)));
     // EpochEnd: unknown flags, missing digest, trailing bytes.
     let mut e = vec![0u8; 24];
     e[12] = 2;
@@ -541,18 +612,32 @@ fn malformed_payloads() {
     e[12] = 0;
     e.push(0);
     assert!(is_malformed(m(FrameType::EpochEnd, &e)));
-    // Hello with a region list of the wrong length.
-    let mut h = encode(&samples()[0]);
-    h.push(0);
-    let len = (h.len() - HEADER_LEN) as u32;
-    h[16..20].copy_from_slice(&len.to_le_bytes());
-    reseal(&mut h);
-    assert!(is_malformed(err(&h, &l)));
-    // Unknown role.
-    let mut h = encode(&samples()[0]);
-    h[HEADER_LEN + 2] = 3;
-    reseal(&mut h);
-    assert_eq!(err(&h, &l), WireError::UnknownRole { got: 3 });
+    // Hello with a manifest one byte longer / shorter than declared.
+    for delta in [1i64, -1] {
+        let mut h = encode(&samples()[0]);
+        if delta > 0 {
+            h.push(0);
+        } else {
+            h.pop();
+        }
+        let len = (h.len() - HEADER_LEN) as u32;
+        h[16..20].copy_from_slice(&len.to_le_bytes());
+        reseal(&mut h);
+        assert_eq!(
+            err(&h, &l),
+            WireError::Malformed {
+                what: "hello manifest length"
+            },
+            "{delta}"
+        );
+    }
+    // Unknown role (0 and 3).
+    for role in [0u8, 3] {
+        let mut h = encode(&samples()[0]);
+        h[HEADER_LEN + 4] = role;
+        reseal(&mut h);
+        assert_eq!(err(&h, &l), WireError::UnknownRole { got: role });
+    }
 }
 
 #[test]
@@ -572,7 +657,13 @@ fn random_bytes_never_panic() {
         max_page_count: 1 << 20,
         ..Limits::default()
     };
-    let valid: Vec<Vec<u8>> = samples().iter().map(encode).collect();
+    let mut valid: Vec<Vec<u8>> = samples().iter().map(encode).collect();
+    // The same frames in protocol version 2.
+    for f in samples() {
+        let mut b = Vec::new();
+        f.encode_at(MIN_PROTOCOL_VERSION, &mut b).unwrap();
+        valid.push(b);
+    }
     let mut outcomes = std::collections::HashMap::<String, u32>::new();
     for i in 0..30_000 {
         let bytes: Vec<u8> = match i % 3 {
@@ -651,7 +742,7 @@ fn epoch_tally_is_order_independent() {
         sent.add(&h, pages);
         encoded.push(b);
     }
-    // EpochEnd/Ack are not data frames.
+    // EpochEnd/Ack are not data frames; page batches and sections are.
     assert_eq!(sent.data_frames, 5);
     assert_eq!(sent.pages, 3);
     let end = sent.epoch_end(None);
@@ -673,6 +764,345 @@ fn epoch_tally_is_order_independent() {
     }
     other.add_frame(&wire::decode(&encoded[1], &limits).unwrap().0);
     assert_eq!(other.check(&end), EpochCheck::Mismatch);
+}
+
+#[test]
+fn section_round_trip_owned_and_borrowed() {
+    let l = Limits::default();
+    let sections = &samples()[4..7];
+    for f in sections {
+        let Body::Section(sec) = &f.body else {
+            unreachable!()
+        };
+        let b = encode(f);
+        // kind u16, instance u32, version u16, then the data.
+        assert_eq!(b.len(), HEADER_LEN + 8 + sec.data.len());
+        let (d, used) = wire::decode(&b, &l).unwrap();
+        assert_eq!(used, b.len());
+        assert_eq!(d.header.frame_type, FrameType::Section);
+        assert!(FrameType::Section.is_epoch_data());
+        assert_eq!(d.epoch(), f.epoch);
+        let BodyRef::Section(r) = d.body else {
+            panic!("{:?}", d.body)
+        };
+        assert_eq!(
+            r,
+            SectionRef {
+                part: sec.part,
+                version: sec.version,
+                data: &sec.data,
+            }
+        );
+        // The data is a view into the buffer, not a copy.
+        assert_eq!(r.data.as_ptr(), b[HEADER_LEN + 8..].as_ptr());
+        assert_eq!(d.to_owned(), *f);
+        assert_eq!(wire::decode_owned(&b, &l).unwrap().0, *f);
+    }
+    // The payload layout, little-endian.
+    let b = encode(&samples()[5]);
+    assert_eq!(
+        b[HEADER_LEN..HEADER_LEN + 8],
+        [2, 0, 0xef, 0xbe, 0xad, 0xde, 0xfe, 0xff]
+    );
+    // A large section.
+    let big = Frame::new(
+        9,
+        Body::Section(Section {
+            part: PartId::new(PartKind::KvmVm, 0),
+            version: 3,
+            data: (0..1_000_000u32).map(|i| i as u8).collect(),
+        }),
+    );
+    assert_eq!(wire::decode_owned(&encode(&big), &l).unwrap().0, big);
+}
+
+#[test]
+fn section_unknown_part_kind_refused() {
+    let l = Limits::default();
+    for kind in [0u16, 6, 0x100, 0xffff] {
+        let mut p = kind.to_le_bytes().to_vec();
+        p.extend_from_slice(&[1, 0, 0, 0, 1, 0]);
+        p.extend_from_slice(b"state");
+        assert_eq!(
+            err(&raw_frame(FrameType::Section as u16, 5, &p), &l),
+            WireError::Malformed {
+                what: "unknown part kind"
+            },
+            "kind {kind}"
+        );
+    }
+    // Every known kind is accepted.
+    for kind in 1..=5u16 {
+        let mut p = kind.to_le_bytes().to_vec();
+        p.extend_from_slice(&[1, 0, 0, 0, 1, 0]);
+        let b = raw_frame(FrameType::Section as u16, 5, &p);
+        let (f, _) = wire::decode(&b, &l).unwrap();
+        let BodyRef::Section(r) = f.body else {
+            panic!("{:?}", f.body)
+        };
+        assert_eq!(r.part.kind.as_u16(), kind);
+        assert_eq!(PartKind::from_u16(kind), Some(r.part.kind));
+        assert_eq!((r.part.instance, r.version, r.data), (1, 1, &[][..]));
+    }
+}
+
+#[test]
+fn section_writer_matches_owned_encoding() {
+    let l = Limits::default();
+    for f in &samples()[4..7] {
+        let Body::Section(sec) = &f.body else {
+            unreachable!()
+        };
+        let mut buf = b"prefix".to_vec();
+        let mut w = SectionWriter::begin(&mut buf, f.epoch, sec.part, sec.version);
+        // Written in pieces, straight into the buffer.
+        let (a, z) = sec.data.split_at(sec.data.len() / 2);
+        w.data().extend_from_slice(a);
+        w.data().extend_from_slice(z);
+        let h = w.finish().unwrap();
+        assert_eq!(&buf[..6], b"prefix");
+        assert_eq!(buf[6..], encode(f)[..]);
+        assert_eq!(h.frame_len(), buf.len() - 6);
+        assert_eq!(Header::parse(&buf[6..], &l).unwrap(), h);
+        assert_eq!(h.version, PROTOCOL_VERSION);
+    }
+    // Back to back in one buffer, as an epoch is sent.
+    let mut buf = Vec::new();
+    let mut expected = Vec::new();
+    for f in &samples()[4..7] {
+        let Body::Section(sec) = &f.body else {
+            unreachable!()
+        };
+        let mut w = SectionWriter::begin(&mut buf, f.epoch, sec.part, sec.version);
+        w.data().extend_from_slice(&sec.data);
+        w.finish().unwrap();
+        f.encode(&mut expected).unwrap();
+    }
+    assert_eq!(buf, expected);
+    let frames: Vec<Frame> = FrameIter::new(&buf, &l)
+        .map(|f| f.unwrap().to_owned())
+        .collect();
+    assert_eq!(frames, samples()[4..7]);
+    // Abort removes the frame.
+    let mut buf = b"x".to_vec();
+    let mut w = SectionWriter::begin(&mut buf, 1, PartId::new(PartKind::KvmVm, 0), 1);
+    w.data().extend_from_slice(&[1; 100]);
+    w.abort();
+    assert_eq!(buf, b"x");
+}
+
+#[test]
+fn hello_manifest_round_trip_and_limits() {
+    let l = Limits::default();
+    let f = &samples()[0];
+    let Body::Hello(hello) = &f.body else {
+        unreachable!()
+    };
+    let b = encode(f);
+    // The 40-byte fixed prefix, the tracker name, the manifest.
+    assert_eq!(b.len(), HEADER_LEN + 40 + 13 + 700);
+    assert_eq!(&b[b.len() - 700..], &hello.manifest[..]);
+    let (d, _) = wire::decode(&b, &l).unwrap();
+    let BodyRef::Hello(h) = &d.body else {
+        panic!("{:?}", d.body)
+    };
+    assert_eq!(h, hello);
+    assert_eq!(h.versions, VersionRange::new(2, 3));
+    // Hello's layout is the same in version 2 (so peers can negotiate).
+    let mut b2 = Vec::new();
+    f.encode_at(2, &mut b2).unwrap();
+    assert_eq!(b2[HEADER_LEN..], b[HEADER_LEN..]);
+    let (d2, _) = wire::decode(&b2, &l).unwrap();
+    assert_eq!((d2.header.version, d2.to_owned()), (2, f.clone()));
+
+    // A manifest of exactly 64 KiB is accepted, one byte more is refused.
+    let with_manifest = |n: usize| {
+        Frame::new(
+            0,
+            Body::Hello(Hello {
+                manifest: vec![0xa5; n],
+                ..hello.clone()
+            }),
+        )
+    };
+    let max = with_manifest(64 << 10);
+    assert_eq!(wire::decode_owned(&encode(&max), &l).unwrap().0, max);
+    assert_eq!(
+        err(&encode(&with_manifest((64 << 10) + 1)), &l),
+        WireError::TooManyEntries {
+            what: "manifest bytes",
+            count: (64 << 10) + 1,
+            cap: 64 << 10
+        }
+    );
+
+    // The declared manifest length must match the bytes present.
+    let hello_frame = |p: Vec<u8>| -> Vec<u8> { raw_frame(FrameType::Hello as u16, 0, &p) };
+    assert!(wire::decode(
+        &hello_frame(hello_payload(2, 3, b"bitmap", 4, &[1, 2, 3, 4])),
+        &l
+    )
+    .is_ok());
+    for declared in [0u32, 3, 5, 1000] {
+        assert_eq!(
+            err(
+                &hello_frame(hello_payload(2, 3, b"bitmap", declared, &[1, 2, 3, 4])),
+                &l
+            ),
+            WireError::Malformed {
+                what: "hello manifest length"
+            },
+            "declared {declared}"
+        );
+    }
+
+    // An empty version range (min > max) is refused; a single version is fine.
+    for (min, max) in [(3u16, 2u16), (0xffff, 0), (4, 3)] {
+        assert_eq!(
+            err(&hello_frame(hello_payload(min, max, b"", 0, &[])), &l),
+            WireError::Malformed {
+                what: "hello version range is empty"
+            },
+            "{min}..={max}"
+        );
+    }
+    let empty = Frame::new(
+        0,
+        Body::Hello(Hello {
+            versions: VersionRange::new(3, 2),
+            ..hello.clone()
+        }),
+    );
+    assert!(matches!(
+        err(&encode(&empty), &l),
+        WireError::Malformed {
+            what: "hello version range is empty"
+        }
+    ));
+    let b = hello_frame(hello_payload(3, 3, b"", 0, &[]));
+    let (d, _) = wire::decode(&b, &l).unwrap();
+    let BodyRef::Hello(h) = d.body else {
+        panic!("{:?}", d.body)
+    };
+    assert_eq!(h.versions, VersionRange::only(3));
+    assert_eq!((h.generation, h.session_id, h.resume_from_epoch), (9, 7, 3));
+}
+
+#[test]
+fn restamp_to_version_2_keeps_bodies_and_digests() {
+    let l = Limits::default();
+    // Heartbeat's layout differs by version; everything else is re-stamped.
+    let frames: Vec<Frame> = samples()
+        .into_iter()
+        .filter(|f| !matches!(f.body, Body::Heartbeat(_)))
+        .collect();
+    let mut buf = Vec::new();
+    let mut w = PageBatchWriter::begin(&mut buf, 5);
+    w.push(99, 0, &[]).unwrap();
+    w.finish().unwrap();
+    let mut frames_all = wire::decode_owned(&buf, &l).map(|(f, _)| vec![f]).unwrap();
+    for f in &frames {
+        f.encode(&mut buf).unwrap();
+    }
+    frames_all.extend(frames.iter().cloned());
+    let original = buf.clone();
+    let tally = |bytes: &[u8]| {
+        let mut t = EpochTally::new(5);
+        let mut digests = Vec::new();
+        for f in FrameIter::new(bytes, &l) {
+            let f = f.unwrap();
+            t.add_frame(&f);
+            digests.push(wire::frame_digest(&f.header));
+        }
+        (t, digests)
+    };
+    let before = tally(&buf);
+    assert_eq!(before.0.data_frames, 6);
+
+    wire::restamp(&mut buf, 2);
+    assert_eq!(buf.len(), original.len());
+    let decoded: Vec<_> = FrameIter::new(&buf, &l).map(|f| f.unwrap()).collect();
+    assert_eq!(decoded.len(), frames_all.len());
+    for (d, f) in decoded.iter().zip(&frames_all) {
+        assert_eq!(d.header.version, 2);
+        assert_eq!(d.to_owned(), *f);
+    }
+    // Only the headers changed: payloads, counts and digests are the same.
+    let after = tally(&buf);
+    assert_eq!(after, before);
+    assert_eq!(
+        after.0.check(&before.0.epoch_end(None)),
+        EpochCheck::Complete
+    );
+    // Identical to encoding in version 2 directly.
+    let mut at2 = Vec::new();
+    for f in &frames_all {
+        f.encode_at(2, &mut at2).unwrap();
+    }
+    assert_eq!(buf, at2);
+    // And back.
+    wire::restamp(&mut buf, PROTOCOL_VERSION);
+    assert_eq!(buf, original);
+    // Re-stamped to a version nobody speaks, the frames are refused.
+    wire::restamp(&mut buf, 1);
+    assert!(matches!(
+        err(&buf, &l),
+        WireError::UnsupportedVersion { got: 1, .. }
+    ));
+    // An empty buffer is left alone.
+    let mut empty: [u8; 0] = [];
+    wire::restamp(&mut empty, 2);
+}
+
+#[test]
+fn heartbeat_generation_is_version_3_only() {
+    let l = Limits::default();
+    let hb = Heartbeat {
+        sent_at_nanos: 11,
+        last_committed_epoch: 10,
+        generation: 77,
+    };
+    let f = Frame::new(12, Body::Heartbeat(hb));
+    // Version 2: 16 payload bytes, read back with generation 0.
+    let mut b2 = Vec::new();
+    let h2 = f.encode_at(2, &mut b2).unwrap();
+    assert_eq!((h2.version, h2.payload_len), (2, 16));
+    assert_eq!(b2.len(), HEADER_LEN + 16);
+    let (d, used) = wire::decode(&b2, &l).unwrap();
+    assert_eq!(used, b2.len());
+    assert_eq!(d.header, h2);
+    assert_eq!(
+        d.body,
+        BodyRef::Heartbeat(Heartbeat {
+            generation: 0,
+            ..hb
+        })
+    );
+    // Version 3: 24 bytes, the generation round-trips.
+    let mut b3 = Vec::new();
+    let h3 = f.encode_at(3, &mut b3).unwrap();
+    assert_eq!((h3.version, h3.payload_len), (3, 24));
+    let (d, _) = wire::decode(&b3, &l).unwrap();
+    assert_eq!(d.body, BodyRef::Heartbeat(hb));
+    assert_eq!(d.to_owned(), f);
+    // `encode` writes the newest version.
+    assert_eq!(encode(&f), b3);
+    // Version 2's payload is version 3's without the generation.
+    assert_eq!(b2[HEADER_LEN..], b3[HEADER_LEN..HEADER_LEN + 16]);
+    // No other frame's payload depends on the version.
+    for f in samples() {
+        let mut a = Vec::new();
+        let ha = f.encode_at(2, &mut a).unwrap();
+        let b = encode(&f);
+        let (d, _) = wire::decode(&a, &l).unwrap();
+        assert_eq!(d.header, ha);
+        if let Body::Heartbeat(h) = f.body {
+            assert_eq!(d.body, BodyRef::Heartbeat(Heartbeat { generation: 0, ..h }));
+        } else {
+            assert_eq!(a[HEADER_LEN..], b[HEADER_LEN..]);
+            assert_eq!(d.to_owned(), f);
+        }
+    }
 }
 
 #[tokio::test]
