@@ -85,6 +85,9 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         let detected = Detection::now();
         match end {
             Ok(SessionEnd::ProtocolError(_)) => continue,
+            // Refused at Hello (already logged with the reason): keep the
+            // replica and wait for a primary this backup can protect.
+            Ok(SessionEnd::Refused(_)) => continue,
             Ok(SessionEnd::PrimaryLost(why)) if backup.committed_epoch() > 0 => {
                 log::warn!(
                     "primary lost ({why}): taking over from epoch {}",

@@ -11,12 +11,15 @@
 //! and drops every partial epoch; the replica keeps its last commit, and the
 //! primary reconnects and resyncs.
 
-use crate::checkpoint::{CheckpointError, CommittedOutput, EpochAssembler, Replica};
+use crate::checkpoint::{CheckpointError, EpochAssembler, Replica};
+use crate::manifest::Manifest;
 use crate::primary::memory_digest;
 use crate::transport::{Connection, FrameReceiver, FrameSender, TransportError};
-use crate::wire::{self, Body, BodyRef, Frame, FrameType, Hello, Role, PROTOCOL_VERSION};
+use crate::wire::{self, Body, BodyRef, Frame, FrameType, Hello, Role, PROTOCOL_VERSIONS};
+use castor_net_buffer::OutputPart;
+use castor_parts::{PartSet, VersionRange};
 use castor_vmm::state::VmShape;
-use castor_vmm::{MemoryRegionSpec, Vm, VmState};
+use castor_vmm::Vm;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -42,6 +45,45 @@ pub enum BackupError {
     NothingCommitted,
 }
 
+/// Error and close code: the data failed verification (the replica is kept).
+pub const REFUSED_DATA: u16 = 1;
+/// Error and close code: no protocol version in common.
+pub const REFUSED_VERSION: u16 = 10;
+/// Error and close code: the manifest does not fit this backup's configuration.
+pub const REFUSED_MANIFEST: u16 = 11;
+/// Error and close code: the session's first checkpoint could not be restored.
+pub const REFUSED_STATE: u16 = 12;
+
+/// Output a committed checkpoint holds: re-emitted by a backup that takes over.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CommittedOutput {
+    /// (sequence number, bytes), ascending.
+    pub items: Vec<(u64, Vec<u8>)>,
+    /// The output buffer's next sequence number at that checkpoint.
+    pub next_seq: u64,
+}
+
+/// The replica's machine: its paused VM and its parts (the VM's own and the
+/// output buffer's), in restore order.
+pub struct ReplicaMachine {
+    /// The paused replica VM.
+    pub vm: Arc<Vm>,
+    /// Every part, in restore order.
+    pub parts: PartSet,
+    /// The output part (its restored state is what a takeover re-emits).
+    pub output: Arc<OutputPart>,
+}
+
+impl ReplicaMachine {
+    /// The machine of `vm`: the VM's parts, then the output buffer's.
+    pub fn new(vm: Arc<Vm>) -> Self {
+        let mut parts = castor_vmm::parts::vm_parts(&vm);
+        let output = Arc::new(OutputPart::replica());
+        parts.push(output.clone());
+        ReplicaMachine { vm, parts, output }
+    }
+}
+
 /// Backup settings.
 #[derive(Clone, Debug)]
 pub struct BackupConfig {
@@ -55,6 +97,8 @@ pub struct BackupConfig {
     pub max_epoch_bytes: usize,
     /// Most epochs buffered at once (arriving ahead of their commit).
     pub max_epochs_buffered: usize,
+    /// Protocol versions accepted at Hello.
+    pub protocol: VersionRange,
 }
 
 impl Default for BackupConfig {
@@ -64,6 +108,7 @@ impl Default for BackupConfig {
             heartbeat: Duration::from_millis(10),
             max_epoch_bytes: 1 << 30,
             max_epochs_buffered: 16,
+            protocol: PROTOCOL_VERSIONS,
         }
     }
 }
@@ -77,6 +122,10 @@ pub enum SessionEnd {
     /// The primary's data failed verification; the replica is intact and the
     /// primary is expected to reconnect and resync.
     ProtocolError(String),
+    /// The primary was refused at Hello (no common protocol version, or a
+    /// manifest this backup's configuration cannot restore); the replica,
+    /// if any, is kept.
+    Refused(String),
 }
 
 /// Live figures of the backup.
@@ -101,7 +150,7 @@ pub type VmFactory = dyn Fn(&VmShape) -> Result<Arc<Vm>, castor_vmm::Error> + Se
 pub struct Backup {
     cfg: BackupConfig,
     factory: Box<VmFactory>,
-    vm: Option<Arc<Vm>>,
+    machine: Option<ReplicaMachine>,
     replica: Option<Replica>,
     session_id: u64,
     status: Arc<BackupStatus>,
@@ -115,7 +164,7 @@ impl Backup {
         Backup {
             cfg,
             factory,
-            vm: None,
+            machine: None,
             replica: None,
             session_id: 0,
             status: Arc::new(BackupStatus::default()),
@@ -146,7 +195,27 @@ impl Backup {
 
     /// The replica VM.
     pub fn vm(&self) -> Option<&Arc<Vm>> {
-        self.vm.as_ref()
+        self.machine.as_ref().map(|m| &m.vm)
+    }
+
+    /// Sends an Error frame with `code`, lets it reach the peer (finish the
+    /// stream, give the peer a moment to read it and close), then closes the
+    /// connection with the same code.
+    async fn refuse(conn: &Connection, ctl_tx: &mut FrameSender, code: u16, message: &str) {
+        log::error!("refusing the primary {}: {message}", conn.remote_address());
+        metrics::counter!("castor_backup_refusals_total").increment(1);
+        let _ = ctl_tx
+            .send(&Frame::new(
+                0,
+                Body::Error(wire::ErrorFrame {
+                    code,
+                    message: message.chars().take(1000).collect(),
+                }),
+            ))
+            .await;
+        let _ = ctl_tx.finish();
+        let _ = tokio::time::timeout(Duration::from_millis(500), conn.closed()).await;
+        conn.close(u32::from(code), "refused");
     }
 
     /// Serves one primary connection until it ends.
@@ -154,7 +223,15 @@ impl Backup {
         let (mut ctl_tx, mut ctl_rx) = conn.accept_control().await?;
         let hello = match tokio::time::timeout(Duration::from_secs(10), ctl_rx.recv_owned()).await {
             Err(_) => return Err(BackupError::Protocol("no Hello within 10 s".into())),
-            Ok(r) => r?.ok_or_else(|| BackupError::Protocol("control stream closed".into()))?,
+            Ok(Err(e)) => {
+                if let Some(w @ wire::WireError::UnsupportedVersion { .. }) = e.wire_error() {
+                    let msg = w.to_string();
+                    Self::refuse(&conn, &mut ctl_tx, REFUSED_VERSION, &msg).await;
+                    return Ok(SessionEnd::Refused(msg));
+                }
+                return Err(e.into());
+            }
+            Ok(Ok(r)) => r.ok_or_else(|| BackupError::Protocol("control stream closed".into()))?,
         };
         let Body::Hello(h) = hello.body else {
             return Err(BackupError::Protocol(format!(
@@ -165,39 +242,66 @@ impl Backup {
         if h.role != Role::Primary {
             return Err(BackupError::Protocol("the peer is not a primary".into()));
         }
-        let shape = VmShape {
-            vcpus: h.vcpus,
-            memory: h
-                .memory_regions
-                .iter()
-                .map(|r| MemoryRegionSpec {
-                    guest_addr: r.guest_addr,
-                    size: r.size,
-                })
-                .collect(),
+        let Some(version) = h.versions.common_max(&self.cfg.protocol) else {
+            let msg = format!(
+                "the primary speaks protocol {}, this backup {}: upgrade the older host",
+                h.versions, self.cfg.protocol
+            );
+            Self::refuse(&conn, &mut ctl_tx, REFUSED_VERSION, &msg).await;
+            return Ok(SessionEnd::Refused(msg));
         };
+        let manifest = match Manifest::decode(&h.manifest) {
+            Ok(m) => m,
+            Err(e) => {
+                let msg = format!("bad manifest: {e}");
+                Self::refuse(&conn, &mut ctl_tx, REFUSED_MANIFEST, &msg).await;
+                return Ok(SessionEnd::Refused(msg));
+            }
+        };
+        let shape = manifest.shape();
         let same_session = h.session_id == self.session_id
-            && self.vm.as_ref().is_some_and(|vm| vm.shape() == shape)
+            && self.machine.as_ref().is_some_and(|m| m.vm.shape() == shape)
             && self.committed_epoch() > 0;
+        // Validate against a candidate machine; the committed replica (if
+        // any) is kept untouched until the manifest is accepted.
+        let candidate = if same_session {
+            None
+        } else {
+            match self.machine.as_ref() {
+                Some(m) if m.vm.shape() == shape => None,
+                _ => Some(ReplicaMachine::new((self.factory)(&shape)?)),
+            }
+        };
+        let check = match (&candidate, &self.machine) {
+            (Some(c), _) | (None, Some(c)) => manifest.check_against(&c.vm, &c.parts),
+            (None, None) => return Err(BackupError::Protocol("no replica machine".into())),
+        };
+        if let Err(e) = check {
+            let msg = e.to_string();
+            Self::refuse(&conn, &mut ctl_tx, REFUSED_MANIFEST, &msg).await;
+            return Ok(SessionEnd::Refused(msg));
+        }
         if !same_session {
             log::info!(
-                "new replication session {:#x} from {}: {} vCPUs, {} MiB, tracker {}",
+                "new replication session {:#x} from {} (protocol {version}): {} vCPUs, {} MiB, {} parts, tracker {}",
                 h.session_id,
                 conn.remote_address(),
                 shape.vcpus,
                 shape.memory.iter().map(|r| r.size).sum::<u64>() >> 20,
+                manifest.parts.len(),
                 h.tracker
             );
-            let vm = match self.vm.take() {
-                Some(vm) if vm.shape() == shape => vm,
-                _ => (self.factory)(&shape)?,
+            if let Some(c) = candidate {
+                self.machine = Some(c);
+            }
+            let Some(m) = self.machine.as_ref() else {
+                return Err(BackupError::Protocol("no replica machine".into()));
             };
-            self.replica = Some(Replica::new(vm.memory().clone(), shape.clone()));
-            self.vm = Some(vm);
+            self.replica = Some(Replica::new(m.vm.memory().clone(), &shape, m.parts.clone()));
             self.session_id = h.session_id;
         } else {
             log::info!(
-                "primary {} resumes session {:#x} from committed epoch {}",
+                "primary {} resumes session {:#x} from committed epoch {} (protocol {version})",
                 conn.remote_address(),
                 h.session_id,
                 self.committed_epoch()
@@ -210,16 +314,18 @@ impl Backup {
         replica.expect_any_next();
         let limits = replica.limits().clone();
         conn.set_limits(limits.clone());
+        conn.set_version(version);
         ctl_rx.set_limits(limits);
+        ctl_tx.set_version(version);
         let reply = Hello {
-            protocol_version: PROTOCOL_VERSION,
+            versions: VersionRange::only(version),
             role: Role::Backup,
-            vcpus: h.vcpus,
-            memory_regions: h.memory_regions.clone(),
             tracker: h.tracker.clone(),
             epoch_interval_ms: h.epoch_interval_ms,
             session_id: self.session_id,
             resume_from_epoch: replica.committed_epoch(),
+            generation: 0,
+            manifest: Vec::new(),
         };
         ctl_tx.send(&Frame::new(0, Body::Hello(reply))).await?;
         let data_rx = conn.accept_data().await?;
@@ -248,6 +354,7 @@ impl Backup {
                 log::warn!("primary lost: {why}");
                 conn.close(1, "primary lost");
             }
+            Ok(SessionEnd::Refused(_)) => {}
             Err(_) => conn.close(3, "backup error"),
         }
         end
@@ -380,15 +487,22 @@ impl Backup {
                 log::error!(
                     "rejecting the primary's data: {msg}; discarding {discarded} partial epoch(s)"
                 );
+                let code = match &e {
+                    BackupError::Checkpoint(CheckpointError::NotRestorable { .. }) => REFUSED_STATE,
+                    _ => REFUSED_DATA,
+                };
                 let _ = ctl_tx
                     .send(&Frame::new(
                         0,
                         Body::Error(wire::ErrorFrame {
-                            code: 1,
+                            code,
                             message: msg.chars().take(1000).collect(),
                         }),
                     ))
                     .await;
+                // Let the Error frame reach the primary before the close.
+                let _ = ctl_tx.finish();
+                let _ = tokio::time::timeout(Duration::from_millis(200), conn.closed()).await;
                 return match e {
                     BackupError::Transport(t) => Ok(lost_or_bad(t)),
                     BackupError::Vmm(v) => Err(BackupError::Vmm(v)),
@@ -494,19 +608,25 @@ impl Backup {
         Ok(())
     }
 
-    /// Takes over: restores the last committed state into the replica VM
-    /// (its memory is already in place) and hands back the VM, still paused,
-    /// with the committed checkpoint's held output for re-emission.
+    /// Takes over: restores the last committed checkpoint into the replica
+    /// machine's parts (its memory is already in place) and hands back the
+    /// VM, still paused, with the checkpoint's held output for re-emission.
     pub fn take_over(&mut self) -> Result<Takeover, BackupError> {
         let replica = self.replica.as_ref().ok_or(BackupError::NothingCommitted)?;
-        let state: &VmState = replica.state().ok_or(BackupError::NothingCommitted)?;
-        let vm = self.vm.clone().ok_or(BackupError::NothingCommitted)?;
+        let machine = self.machine.as_ref().ok_or(BackupError::NothingCommitted)?;
+        if !replica.has_state() {
+            return Err(BackupError::NothingCommitted);
+        }
         let t = Instant::now();
-        vm.restore_state(state)?;
+        replica.restore()?;
+        let held = machine.output.restored().unwrap_or_default();
         Ok(Takeover {
-            vm,
+            vm: machine.vm.clone(),
             epoch: replica.committed_epoch(),
-            output: replica.output().clone(),
+            output: CommittedOutput {
+                items: held.items.into_iter().map(|i| (i.seq, i.data)).collect(),
+                next_seq: held.next_seq,
+            },
             restore: t.elapsed(),
         })
     }
@@ -553,6 +673,7 @@ async fn heartbeat_sender(conn: Arc<Connection>, period: Duration, status: Arc<B
             Body::Heartbeat(wire::Heartbeat {
                 sent_at_nanos: start.elapsed().as_nanos() as u64,
                 last_committed_epoch: status.committed.load(Ordering::Relaxed),
+                generation: 0,
             }),
         );
         if conn.send_datagram_frame(&beat).is_err() {

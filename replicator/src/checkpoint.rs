@@ -13,25 +13,12 @@
 use crate::codec::{self, Page, PageEncoder};
 use crate::wire::{
     self, BodyRef, EpochCheck, EpochEnd, EpochTally, Frame, FrameType, Header, Limits,
-    PageBatchWriter, PAGE_SIZE,
+    PageBatchWriter, SectionWriter, PAGE_SIZE, PROTOCOL_VERSION,
 };
-use bincode::Options;
-use castor_vmm::state::{VcpuState, VmDevicesState, VmShape, VmState, STATE_VERSION};
+use castor_parts::{Checked, PartError, PartId, PartSet, Staged};
+use castor_vmm::state::VmShape;
 use castor_vmm::GuestMemoryMmap;
-use serde::{de::DeserializeOwned, Serialize};
 use vm_memory::{Bytes, GuestAddress};
-
-/// Device id of the VM-wide KVM device state (PIC, IOAPIC, PIT, clock).
-pub const VM_DEVICES_ID: &str = "kvm-vm";
-
-/// Device id of the MMIO devices' state (virtio transports and backends).
-pub const MMIO_DEVICES_ID: &str = "mmio-devices";
-
-/// Device id of the output buffer's position (next sequence number, u64 LE).
-pub const OUTPUT_ID: &str = "output";
-
-/// Most bytes a serialized state blob may take.
-pub const MAX_STATE_BYTES: u64 = 1 << 20;
 
 /// Errors of checkpoint encoding, assembly and commit.
 #[derive(Debug, thiserror::Error)]
@@ -56,14 +43,55 @@ pub enum CheckpointError {
         /// The frame's epoch.
         got: u64,
     },
-    /// The epoch's frames disagree with its `EpochEnd`.
-    #[error("epoch {epoch} failed verification: {what}")]
-    Verification {
+    /// A second `EpochEnd` for one epoch.
+    #[error("epoch {epoch}: two EpochEnd frames")]
+    TwoEpochEnds {
         /// The epoch.
         epoch: u64,
-        /// What disagreed.
-        what: String,
     },
+    /// A frame that has no place among an epoch's data.
+    #[error("epoch {epoch}: unexpected {frame_type:?} frame among its data")]
+    UnexpectedFrame {
+        /// The epoch.
+        epoch: u64,
+        /// The frame's type.
+        frame_type: FrameType,
+    },
+    /// Commit was asked for an epoch not yet complete.
+    #[error("epoch {epoch} is incomplete")]
+    Incomplete {
+        /// The epoch.
+        epoch: u64,
+    },
+    /// The epoch's frames disagree with its `EpochEnd`.
+    #[error("epoch {epoch}: received {frames} frames / {pages} pages / digest {digest:#x}, EpochEnd says {want_frames} / {want_pages} / {want_digest:#x}")]
+    Tally {
+        /// The epoch.
+        epoch: u64,
+        /// Frames received.
+        frames: u32,
+        /// Pages received.
+        pages: u64,
+        /// Digest of what was received.
+        digest: u64,
+        /// Frames announced.
+        want_frames: u32,
+        /// Pages announced.
+        want_pages: u64,
+        /// Digest announced.
+        want_digest: u64,
+    },
+    /// An epoch out of order.
+    #[error("epoch {epoch} cannot follow committed epoch {committed}")]
+    NotNext {
+        /// The epoch.
+        epoch: u64,
+        /// The last committed one.
+        committed: u64,
+    },
+    /// Pre-copy pages after the replica committed a checkpoint.
+    #[error("pre-copy pages after the first commit")]
+    SyncAfterCommit,
     /// An epoch holds more buffered bytes than allowed.
     #[error("epoch {epoch} exceeds the staging cap of {cap} bytes")]
     TooLarge {
@@ -72,9 +100,6 @@ pub enum CheckpointError {
         /// The cap.
         cap: usize,
     },
-    /// Serialized state did not decode.
-    #[error("state: {0}")]
-    State(String),
     /// A page lies outside guest memory.
     #[error("page {page} is outside guest memory ({pages} pages)")]
     PageOutOfRange {
@@ -84,8 +109,57 @@ pub enum CheckpointError {
         pages: u64,
     },
     /// Guest memory access failed.
-    #[error("guest memory: {0}")]
-    Memory(String),
+    #[error("guest memory at page {page}: {source}")]
+    Memory {
+        /// The page.
+        page: u64,
+        /// Why.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// A section for a part this replica does not have.
+    #[error("epoch {epoch}: section for unknown part {part}")]
+    UnknownPart {
+        /// The epoch.
+        epoch: u64,
+        /// The part.
+        part: PartId,
+    },
+    /// A part's section twice in one epoch.
+    #[error("epoch {epoch}: two sections for part {part}")]
+    DuplicateSection {
+        /// The epoch.
+        epoch: u64,
+        /// The part.
+        part: PartId,
+    },
+    /// An epoch without some part's section (every checkpoint carries every part).
+    #[error("epoch {epoch}: no section for part {part}")]
+    MissingSection {
+        /// The epoch.
+        epoch: u64,
+        /// The part.
+        part: PartId,
+    },
+    /// A part refused its section (decode or validation).
+    #[error("epoch {epoch}: {source}")]
+    Part {
+        /// The epoch.
+        epoch: u64,
+        /// The part's error.
+        #[source]
+        source: PartError,
+    },
+    /// The first commit of a session could not be restored into the replica
+    /// VM: the session is refused while the primary is alive to hear it.
+    #[error("epoch {epoch}: the replica cannot restore this checkpoint: {source}")]
+    NotRestorable {
+        /// The epoch.
+        epoch: u64,
+        /// The part that failed.
+        #[source]
+        source: PartError,
+    },
     /// After committing, the replica's memory digest differed from the
     /// primary's: the replica diverged and must be resynchronised.
     #[error("epoch {epoch}: replica memory digest differs from the primary's")]
@@ -95,29 +169,8 @@ pub enum CheckpointError {
     },
 }
 
-fn state_options() -> impl Options {
-    bincode::DefaultOptions::new()
-        .with_fixint_encoding()
-        .with_limit(MAX_STATE_BYTES)
-}
-
-/// Serializes a state struct for the wire.
-pub fn encode_state<T: Serialize>(v: &T) -> Result<Vec<u8>, CheckpointError> {
-    state_options()
-        .serialize(v)
-        .map_err(|e| CheckpointError::State(e.to_string()))
-}
-
-/// Deserializes untrusted state bytes, with a hard allocation cap.
-pub fn decode_state<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CheckpointError> {
-    state_options()
-        .reject_trailing_bytes()
-        .deserialize(bytes)
-        .map_err(|e| CheckpointError::State(e.to_string()))
-}
-
 /// Everything the primary copies aside while the guest is paused.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct StagedEpoch {
     /// Epoch number (1, 2, ...).
     pub epoch: u64,
@@ -126,14 +179,28 @@ pub struct StagedEpoch {
     /// Their content: page `i` at `i * 4096` (the buffer may be longer: it
     /// is reused across epochs).
     pub data: Vec<u8>,
-    /// The VM's state at the pause, when this epoch carries one.
-    pub state: Option<VmState>,
-    /// Output held and not yet acknowledged (all sealed epochs up to this one).
-    pub held: Vec<(u64, Vec<u8>)>,
-    /// The output buffer's next sequence number at the pause.
-    pub output_next_seq: u64,
+    /// Every part's staged state, in restore order.
+    pub sections: StagedSections,
     /// Digest of all guest memory at the pause (for verification).
     pub memory_digest: Option<[u8; 32]>,
+}
+
+impl std::fmt::Debug for StagedEpoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StagedEpoch")
+            .field("epoch", &self.epoch)
+            .field("pages", &self.pages.len())
+            .field("sections", &self.sections.len())
+            .finish()
+    }
+}
+
+/// Every part's staged state at one pause, in restore order.
+pub type StagedSections = Vec<(PartId, Box<dyn Staged>)>;
+
+/// Stages every part of `parts` (call inside the pause).
+pub fn stage_parts(parts: &PartSet) -> Result<StagedSections, PartError> {
+    parts.iter().map(|p| Ok((p.id(), p.stage()?))).collect()
 }
 
 /// What encoding one epoch produced.
@@ -152,6 +219,7 @@ pub struct EncodedEpoch {
 pub struct CheckpointEncoder {
     pages: PageEncoder,
     max_batch_bytes: usize,
+    version: u16,
 }
 
 impl CheckpointEncoder {
@@ -160,7 +228,13 @@ impl CheckpointEncoder {
         CheckpointEncoder {
             pages: PageEncoder::with_cache_bytes(cache_bytes),
             max_batch_bytes: 1 << 20,
+            version: PROTOCOL_VERSION,
         }
+    }
+
+    /// Encodes frames in protocol `version` (the one negotiated at Hello).
+    pub fn set_version(&mut self, version: u16) {
+        self.version = version;
     }
 
     /// Forgets every cached copy: after a reconnection or resync.
@@ -183,13 +257,17 @@ impl CheckpointEncoder {
         out: &mut Vec<u8>,
         tally: &mut EpochTally,
     ) -> Result<(), CheckpointError> {
+        let start = out.len();
         let mut i = 0;
         while i < pages.len() {
             let mut w = PageBatchWriter::begin(out, epoch);
             while i < pages.len() && w.frame_len() < self.max_batch_bytes {
                 let page: &Page = data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
                     .try_into()
-                    .map_err(|_| CheckpointError::Memory("staged page size".into()))?;
+                    .map_err(|_| CheckpointError::PageOutOfRange {
+                        page: pages[i],
+                        pages: (data.len() / PAGE_SIZE) as u64,
+                    })?;
                 let pn = pages[i];
                 let enc = &mut self.pages;
                 w.push_with(pn, |buf| enc.encode_page(pn, page, buf) as u8)?;
@@ -199,11 +277,14 @@ impl CheckpointEncoder {
             let header = w.finish()?;
             tally.add(&header, n);
         }
+        if self.version != PROTOCOL_VERSION {
+            wire::restamp(&mut out[start..], self.version);
+        }
         Ok(())
     }
 
-    /// Encodes a whole staged epoch: pages, state, held output into `data_out`
-    /// and the `EpochEnd` frame into `end_out`.
+    /// Encodes a whole staged epoch: pages and every part's section into
+    /// `data_out` and the `EpochEnd` frame into `end_out`.
     pub fn encode_epoch(
         &mut self,
         staged: &StagedEpoch,
@@ -214,75 +295,15 @@ impl CheckpointEncoder {
         let start = data_out.len();
         let mut tally = EpochTally::new(e);
         self.encode_pages(e, &staged.pages, &staged.data, data_out, &mut tally)?;
-        let mut push = |frame: Frame, out: &mut Vec<u8>| -> Result<Header, CheckpointError> {
-            let h = frame.encode(out)?;
+        let sections_start = data_out.len();
+        for (id, section) in &staged.sections {
+            let mut w = SectionWriter::begin(data_out, e, *id, section.version());
+            if let Err(source) = section.encode(w.data()) {
+                w.abort();
+                return Err(CheckpointError::Part { epoch: e, source });
+            }
+            let h: Header = w.finish()?;
             tally.add(&h, 0);
-            Ok(h)
-        };
-        if let Some(state) = &staged.state {
-            for v in &state.vcpus {
-                push(
-                    Frame::new(
-                        e,
-                        wire::Body::VcpuState(wire::VcpuState {
-                            vcpu_index: v.id,
-                            data: encode_state(v)?,
-                        }),
-                    ),
-                    data_out,
-                )?;
-            }
-            push(
-                Frame::new(
-                    e,
-                    wire::Body::DeviceState(wire::DeviceState {
-                        device_id: VM_DEVICES_ID.into(),
-                        data: encode_state(&state.vm)?,
-                    }),
-                ),
-                data_out,
-            )?;
-            // The virtio devices (transport + backend state), when the VM has
-            // any: the replica restores them at takeover (absent = none).
-            if !state.devices.is_empty() {
-                push(
-                    Frame::new(
-                        e,
-                        wire::Body::DeviceState(wire::DeviceState {
-                            device_id: MMIO_DEVICES_ID.into(),
-                            data: encode_state(&state.devices)?,
-                        }),
-                    ),
-                    data_out,
-                )?;
-            }
-        }
-        push(
-            Frame::new(
-                e,
-                wire::Body::DeviceState(wire::DeviceState {
-                    device_id: OUTPUT_ID.into(),
-                    data: staged.output_next_seq.to_le_bytes().to_vec(),
-                }),
-            ),
-            data_out,
-        )?;
-        for chunk in staged.held.chunks(4096) {
-            push(
-                Frame::new(
-                    e,
-                    wire::Body::HeldOutput(wire::HeldOutput {
-                        items: chunk
-                            .iter()
-                            .map(|(seq, d)| wire::OutputItem {
-                                seq: *seq,
-                                data: d.clone(),
-                            })
-                            .collect(),
-                    }),
-                ),
-                data_out,
-            )?;
         }
         let end_start = end_out.len();
         Frame::new(
@@ -290,6 +311,11 @@ impl CheckpointEncoder {
             wire::Body::EpochEnd(tally.epoch_end(staged.memory_digest)),
         )
         .encode(end_out)?;
+        if self.version != PROTOCOL_VERSION {
+            wire::restamp(&mut data_out[sections_start..], self.version);
+            wire::restamp(&mut end_out[end_start..], self.version);
+            // The tally covers payloads only, so re-stamped headers keep it.
+        }
         Ok(EncodedEpoch {
             pages: staged.pages.len() as u64,
             wire_bytes: (data_out.len() - start + end_out.len() - end_start) as u64,
@@ -339,10 +365,7 @@ impl EpochAssembler {
         match &frame.body {
             BodyRef::EpochEnd(end) => {
                 if self.end.is_some() {
-                    return Err(CheckpointError::Verification {
-                        epoch: self.epoch,
-                        what: "two EpochEnd frames".into(),
-                    });
+                    return Err(CheckpointError::TwoEpochEnds { epoch: self.epoch });
                 }
                 self.end = Some(*end);
                 self.end_at = Some(std::time::Instant::now());
@@ -358,9 +381,9 @@ impl EpochAssembler {
                 self.frames.extend_from_slice(bytes);
             }
             _ => {
-                return Err(CheckpointError::Verification {
+                return Err(CheckpointError::UnexpectedFrame {
                     epoch: self.epoch,
-                    what: format!("unexpected {:?} frame", frame.header.frame_type),
+                    frame_type: frame.header.frame_type,
                 })
             }
         }
@@ -389,29 +412,17 @@ impl EpochAssembler {
         match self.tally.check(end) {
             EpochCheck::Complete => Some(Ok(())),
             EpochCheck::Pending { .. } => None,
-            EpochCheck::Mismatch => Some(Err(CheckpointError::Verification {
+            EpochCheck::Mismatch => Some(Err(CheckpointError::Tally {
                 epoch: self.epoch,
-                what: format!(
-                    "received {} frames / {} pages / digest {:#x}, EpochEnd says {} / {} / {:#x}",
-                    self.tally.data_frames,
-                    self.tally.pages,
-                    self.tally.digest,
-                    end.data_frames,
-                    end.page_count,
-                    end.content_digest
-                ),
+                frames: self.tally.data_frames,
+                pages: self.tally.pages,
+                digest: self.tally.digest,
+                want_frames: end.data_frames,
+                want_pages: end.page_count,
+                want_digest: end.content_digest,
             })),
         }
     }
-}
-
-/// Output a committed checkpoint holds: re-emitted by a backup that takes over.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CommittedOutput {
-    /// (sequence number, bytes), ascending.
-    pub items: Vec<(u64, Vec<u8>)>,
-    /// The output buffer's next sequence number at that checkpoint.
-    pub next_seq: u64,
 }
 
 /// What a commit did.
@@ -423,37 +434,47 @@ pub struct CommitInfo {
     pub pages: u64,
     /// Whether the memory digest was checked (and matched).
     pub memory_verified: bool,
+    /// Whether this commit ran the restorability dry run (first of a session).
+    pub proven: bool,
 }
 
-/// The backup's replica: guest memory (owned by the backup's paused VM) plus
-/// the last committed state and held output.
+/// The backup's replica: guest memory (owned by the backup's paused VM), the
+/// parts of that VM, and the checked state of every part at the last commit.
+///
+/// Invariant: the replica equals exactly one committed checkpoint. A commit
+/// decodes and checks everything first (pages into staging, every part's
+/// section through [`castor_parts::Part::check`]); any error leaves the
+/// replica as it was.
 pub struct Replica {
     mem: GuestMemoryMmap,
-    shape: VmShape,
     pages: u64,
     limits: Limits,
+    parts: PartSet,
     committed_epoch: u64,
     /// After a (re)connection the first epoch may follow any committed one.
     any_next: bool,
-    state: Option<VmState>,
-    output: CommittedOutput,
+    /// The committed state of every part, in restore order.
+    committed: Option<Vec<Checked>>,
+    /// Whether this session's first commit has been proven restorable.
+    proven: bool,
     staging_pages: Vec<u64>,
     staging: Vec<u8>,
 }
 
 impl Replica {
-    /// A replica over `mem` (a paused VM's memory) of the given shape.
-    pub fn new(mem: GuestMemoryMmap, shape: VmShape) -> Self {
+    /// A replica over `mem` (a paused VM's memory) of the given shape, whose
+    /// state is made of `parts`.
+    pub fn new(mem: GuestMemoryMmap, shape: &VmShape, parts: PartSet) -> Self {
         let pages = shape.memory_end() / PAGE_SIZE as u64;
         Replica {
             mem,
-            shape,
             pages,
             limits: Limits::for_guest_pages(pages),
+            parts,
             committed_epoch: 0,
             any_next: true,
-            state: None,
-            output: CommittedOutput::default(),
+            committed: None,
+            proven: false,
             staging_pages: Vec::new(),
             staging: Vec::new(),
         }
@@ -464,15 +485,23 @@ impl Replica {
         &self.limits
     }
 
+    /// The replica's parts.
+    pub fn parts(&self) -> &PartSet {
+        &self.parts
+    }
+
     /// The last committed epoch (0: none yet).
     pub fn committed_epoch(&self) -> u64 {
         self.committed_epoch
     }
 
-    /// Accept any epoch above the committed one next (after a `Hello`: the
-    /// primary numbers epochs across sessions and resyncs incrementally).
+    /// A new session begins (after a `Hello`): any epoch above the committed
+    /// one may come next (the primary numbers epochs across sessions and
+    /// resyncs incrementally), and the session's first commit is proven
+    /// restorable again.
     pub fn expect_any_next(&mut self) {
         self.any_next = true;
+        self.proven = false;
     }
 
     /// Whether `epoch` is the one to commit next.
@@ -480,20 +509,29 @@ impl Replica {
         epoch > self.committed_epoch && (self.any_next || epoch == self.committed_epoch + 1)
     }
 
-    /// The last committed state, if any epoch carrying one was committed.
-    pub fn state(&self) -> Option<&VmState> {
-        self.state.as_ref()
+    /// Whether a checkpoint has been committed (the replica can take over).
+    pub fn has_state(&self) -> bool {
+        self.committed.is_some()
     }
 
-    /// The held output of the last committed checkpoint.
-    pub fn output(&self) -> &CommittedOutput {
-        &self.output
+    /// Restores the committed checkpoint into the replica's parts (the VM
+    /// must be paused): the takeover.
+    pub fn restore(&self) -> Result<(), CheckpointError> {
+        let states = self.committed.as_ref().ok_or(CheckpointError::Incomplete {
+            epoch: self.committed_epoch,
+        })?;
+        self.parts
+            .restore_all(states)
+            .map_err(|source| CheckpointError::NotRestorable {
+                epoch: self.committed_epoch,
+                source,
+            })
     }
 
     fn read_page(&self, page: u64, out: &mut Page) -> Result<(), CheckpointError> {
         self.mem
             .read_slice(out, GuestAddress(page * PAGE_SIZE as u64))
-            .map_err(|e| CheckpointError::Memory(format!("reading page {page}: {e}")))
+            .map_err(|source| CheckpointError::Memory { page, source })
     }
 
     /// Initial synchronisation: applies a `PageBatch` straight into the replica
@@ -505,10 +543,7 @@ impl Replica {
         batch: &wire::PageBatchRef<'_>,
     ) -> Result<u64, CheckpointError> {
         if self.committed_epoch != 0 {
-            return Err(CheckpointError::Verification {
-                epoch: 0,
-                what: "sync pages after the first commit".into(),
-            });
+            return Err(CheckpointError::SyncAfterCommit);
         }
         let mut page: Box<Page> = Box::new([0u8; PAGE_SIZE]);
         let mut base: Box<Page> = Box::new([0u8; PAGE_SIZE]);
@@ -561,7 +596,7 @@ impl Replica {
     fn write_page(&self, page: u64, data: &[u8]) -> Result<(), CheckpointError> {
         self.mem
             .write_slice(data, GuestAddress(page * PAGE_SIZE as u64))
-            .map_err(|e| CheckpointError::Memory(format!("writing page {page}: {e}")))
+            .map_err(|source| CheckpointError::Memory { page, source })
     }
 
     /// Verifies and commits a complete epoch. On any error nothing of the
@@ -572,35 +607,24 @@ impl Replica {
         asm: &EpochAssembler,
         digest: impl Fn(&GuestMemoryMmap) -> [u8; 32],
     ) -> Result<CommitInfo, CheckpointError> {
+        let epoch = asm.epoch;
         match asm.status() {
             Some(Ok(())) => {}
             Some(Err(e)) => return Err(e),
-            None => {
-                return Err(CheckpointError::Verification {
-                    epoch: asm.epoch,
-                    what: "incomplete".into(),
-                })
-            }
+            None => return Err(CheckpointError::Incomplete { epoch }),
         }
-        let epoch = asm.epoch;
         if !self.is_next(epoch) {
-            return Err(CheckpointError::Verification {
+            return Err(CheckpointError::NotNext {
                 epoch,
-                what: format!("expected epoch {}", self.committed_epoch + 1),
+                committed: self.committed_epoch,
             });
         }
-        let end = asm.end.ok_or_else(|| CheckpointError::Verification {
-            epoch,
-            what: "no EpochEnd".into(),
-        })?;
-        // 1. Decode everything into staging, against the committed replica.
+        let end = asm.end.ok_or(CheckpointError::Incomplete { epoch })?;
+        // 1. Decode and check everything, against the committed replica.
         self.staging_pages.clear();
         self.staging.clear();
-        let mut vcpus: Vec<Option<VcpuState>> = vec![None; self.shape.vcpus as usize];
-        let mut vm_devices: Option<VmDevicesState> = None;
-        let mut mmio_devices: Option<Vec<castor_vmm::devices::DeviceState>> = None;
-        let mut output = Vec::new();
-        let mut next_seq: Option<u64> = None;
+        let mut sections: Vec<Option<Checked>> = Vec::new();
+        sections.resize_with(self.parts.len(), || None);
         let mut page: Box<Page> = Box::new([0u8; PAGE_SIZE]);
         for frame in wire::FrameIter::new(&asm.frames, &self.limits) {
             let frame = frame?;
@@ -612,100 +636,58 @@ impl Replica {
                         self.staging.extend_from_slice(&page[..]);
                     }
                 }
-                BodyRef::VcpuState { vcpu_index, data } => {
-                    let s: VcpuState = decode_state(data)?;
-                    let slot = vcpus.get_mut(vcpu_index as usize).ok_or_else(|| {
-                        CheckpointError::State(format!("vCPU {vcpu_index} out of range"))
-                    })?;
-                    if s.id != vcpu_index || slot.is_some() {
-                        return Err(CheckpointError::State(format!(
-                            "vCPU state {vcpu_index} duplicated or mislabelled"
-                        )));
+                BodyRef::Section(sec) => {
+                    let (Some(pos), Some(part)) =
+                        (self.parts.position(sec.part), self.parts.get(sec.part))
+                    else {
+                        return Err(CheckpointError::UnknownPart {
+                            epoch,
+                            part: sec.part,
+                        });
+                    };
+                    if sections[pos].is_some() {
+                        return Err(CheckpointError::DuplicateSection {
+                            epoch,
+                            part: sec.part,
+                        });
                     }
-                    *slot = Some(s);
-                }
-                BodyRef::DeviceState { device_id, data } if device_id == VM_DEVICES_ID => {
-                    vm_devices = Some(decode_state(data)?);
-                }
-                BodyRef::DeviceState { device_id, data } if device_id == MMIO_DEVICES_ID => {
-                    mmio_devices = Some(decode_state(data)?);
-                }
-                BodyRef::DeviceState { device_id, data } if device_id == OUTPUT_ID => {
-                    let b: [u8; 8] = data.try_into().map_err(|_| {
-                        CheckpointError::State("output position is not 8 bytes".into())
-                    })?;
-                    next_seq = Some(u64::from_le_bytes(b));
-                }
-                BodyRef::DeviceState { device_id, .. } => {
-                    return Err(CheckpointError::State(format!(
-                        "unknown device {device_id:?}"
-                    )))
-                }
-                BodyRef::HeldOutput(h) => {
-                    for (seq, data) in h.iter() {
-                        output.push((seq, data.to_vec()));
-                    }
+                    let checked = part
+                        .check(sec.version, sec.data)
+                        .map_err(|source| CheckpointError::Part { epoch, source })?;
+                    sections[pos] = Some(checked);
                 }
                 _ => {
-                    return Err(CheckpointError::Verification {
+                    return Err(CheckpointError::UnexpectedFrame {
                         epoch,
-                        what: format!("{:?} among data frames", frame.header.frame_type),
+                        frame_type: frame.header.frame_type,
                     })
                 }
             }
         }
-        let state = match (vm_devices, vcpus.iter().all(Option::is_some)) {
-            (Some(vm), true) => Some(VmState {
-                version: STATE_VERSION,
-                shape: self.shape.clone(),
-                vm,
-                vcpus: vcpus.into_iter().flatten().collect(),
-                devices: mmio_devices.unwrap_or_default(),
-            }),
-            (None, _) if vcpus.iter().all(Option::is_none) => None,
-            _ => {
-                return Err(CheckpointError::State(
-                    "the epoch carries part of the VM state".into(),
-                ))
-            }
-        };
-        if state.is_none() && self.state.is_none() {
-            return Err(CheckpointError::State(
-                "the first checkpoint must carry the VM state".into(),
-            ));
+        let mut states = Vec::with_capacity(sections.len());
+        for (slot, part) in sections.into_iter().zip(self.parts.iter()) {
+            states.push(slot.ok_or(CheckpointError::MissingSection {
+                epoch,
+                part: part.id(),
+            })?);
         }
-        let next_seq = next_seq
-            .ok_or_else(|| CheckpointError::State("the epoch carries no output position".into()))?;
-        if output.last().is_some_and(|(s, _)| *s >= next_seq) {
-            return Err(CheckpointError::State(
-                "held output beyond the output position".into(),
-            ));
+        // 2. The first commit of a session proves the replica restorable: a
+        // dry run into the paused replica VM (never run before a takeover,
+        // which restores again), while the primary is alive to be told.
+        let proving = !self.proven;
+        if proving {
+            self.parts
+                .restore_all(&states)
+                .map_err(|source| CheckpointError::NotRestorable { epoch, source })?;
         }
-        let mut seqs = output.iter().map(|(s, _)| *s);
-        if let Some(mut prev) = seqs.next() {
-            for s in seqs {
-                if s <= prev {
-                    return Err(CheckpointError::Verification {
-                        epoch,
-                        what: "held output out of order".into(),
-                    });
-                }
-                prev = s;
-            }
-        }
-        // 2. Apply: from here on nothing can fail short of memory access errors.
+        // 3. Apply: from here on nothing can fail short of memory access errors.
         for (i, &p) in self.staging_pages.iter().enumerate() {
             self.write_page(p, &self.staging[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])?;
         }
-        if let Some(s) = state {
-            self.state = Some(s);
-        }
-        self.output = CommittedOutput {
-            items: output,
-            next_seq,
-        };
+        self.committed = Some(states);
         self.committed_epoch = epoch;
         self.any_next = false;
+        self.proven = true;
         let mut memory_verified = false;
         if let Some(want) = end.memory_digest {
             if digest(&self.mem) != want {
@@ -717,6 +699,7 @@ impl Replica {
             epoch,
             pages: self.staging_pages.len() as u64,
             memory_verified,
+            proven: proving,
         })
     }
 }

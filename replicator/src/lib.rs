@@ -8,6 +8,7 @@
 //!   verifying and committing it on the backup;
 //! * [`primary`]: the epoch pipeline (pause, harvest, copy, resume, send, ack,
 //!   release) with pre-copy and incremental resync;
+//! * [`manifest`]: what a primary's VM is and needs, checked by the backup at Hello;
 //! * [`backup`]: the receiving side, commit/ack, and takeover.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -15,6 +16,7 @@
 pub mod backup;
 pub mod checkpoint;
 pub mod codec;
+pub mod manifest;
 pub mod primary;
 pub mod transport;
 pub mod wire;

@@ -23,10 +23,12 @@
 //! sent-copy cache invalidated, and commits atomically like any other epoch,
 //! so the backup never stops protecting the guest.
 
-use crate::checkpoint::{CheckpointEncoder, StagedEpoch};
+use crate::checkpoint::{stage_parts, CheckpointEncoder, StagedEpoch};
+use crate::manifest::Manifest;
 use crate::transport::{Connection, FrameSender, TransportError};
-use crate::wire::{self, Body, EpochTally, Frame, Hello, Role, PROTOCOL_VERSION};
+use crate::wire::{self, Body, EpochTally, Frame, Hello, Role, PROTOCOL_VERSIONS};
 use castor_net_buffer::OutputBuffer;
+use castor_parts::{PartSet, VersionRange};
 use castor_vmm::Vm;
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -53,6 +55,9 @@ pub enum PrimaryError {
     /// Encoding failed.
     #[error("checkpoint: {0}")]
     Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    /// A part could not be staged.
+    #[error("part: {0}")]
+    Part(#[from] castor_parts::PartError),
     /// The output buffer refused an operation.
     #[error("output buffer: {0}")]
     Output(#[from] castor_net_buffer::Error),
@@ -62,6 +67,16 @@ pub enum PrimaryError {
         /// Code.
         code: u16,
         /// Message.
+        message: String,
+    },
+    /// The backup refused this primary at Hello (its configuration does not
+    /// fit this VM, or no protocol version in common): the message says what
+    /// to change. Reconnecting will not help until someone does.
+    #[error("the backup refused this primary: {message}")]
+    Refused {
+        /// Code.
+        code: u16,
+        /// The backup's reason.
         message: String,
     },
     /// The backup stayed silent for longer than the failure timeout.
@@ -74,7 +89,9 @@ pub enum PrimaryError {
 
 /// A fault to inject into one epoch's data frames, inside the encrypted
 /// channel (a network proxy cannot alter frames under QUIC's AEAD), to test
-/// that the backup rejects them and the pair recovers. Testing only.
+/// that the backup rejects them and the pair recovers. Testing only: built
+/// with the `fault-injection` feature.
+#[cfg(feature = "fault-injection")]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
     /// Flip a byte in the first data frame's payload (CRC mismatch).
@@ -109,7 +126,11 @@ pub struct PrimaryConfig {
     pub epoch_mode: EpochMode,
     /// Testing only: inject `Fault` into the data frames of that epoch (once:
     /// the next session runs clean).
+    #[cfg(feature = "fault-injection")]
     pub fault: Option<(u64, Fault)>,
+    /// Protocol versions offered at Hello (default: every version this
+    /// build speaks; pin to one during a rolling upgrade).
+    pub protocol: VersionRange,
     /// Time between pauses.
     pub epoch_interval: Duration,
     /// Epochs sent but not yet acknowledged before the next pause waits.
@@ -140,7 +161,9 @@ impl Default for PrimaryConfig {
             precopy_stop_pages: 2048,
             heartbeat: Duration::from_millis(10),
             peer_timeout: Duration::from_millis(100),
+            #[cfg(feature = "fault-injection")]
             fault: None,
+            protocol: PROTOCOL_VERSIONS,
         }
     }
 }
@@ -224,6 +247,8 @@ impl AckBoard {
 /// The primary side of replication for one VM.
 pub struct Primary {
     vm: Arc<Vm>,
+    /// Every part of the replicated state, in restore order.
+    parts: PartSet,
     output: Arc<OutputBuffer>,
     release: Arc<dyn Release>,
     cfg: PrimaryConfig,
@@ -257,8 +282,11 @@ impl Primary {
         let tracker = vm
             .dirty_backend()
             .map_or_else(|| "none".to_string(), |b| b.to_string());
+        let mut parts = castor_vmm::parts::vm_parts(&vm);
+        parts.push(Arc::new(castor_net_buffer::OutputPart::new(output.clone())));
         Primary {
             vm,
+            parts,
             output,
             release,
             encoder: CheckpointEncoder::new(cfg.cache_bytes),
@@ -296,24 +324,18 @@ impl Primary {
     pub fn replicate(&mut self, conn: Connection, rt: &Handle) -> Result<(), PrimaryError> {
         let conn = Arc::new(conn);
         let (mut ctl_tx, mut ctl_rx) = rt.block_on(conn.open_control())?;
+        let manifest = Manifest::of(&self.vm, &self.parts)
+            .encode()
+            .map_err(|e| PrimaryError::Protocol(format!("manifest: {e}")))?;
         let hello = Hello {
-            protocol_version: PROTOCOL_VERSION,
+            versions: self.cfg.protocol,
             role: Role::Primary,
-            vcpus: self.vm.vcpu_count(),
-            memory_regions: self
-                .vm
-                .shape()
-                .memory
-                .iter()
-                .map(|r| wire::MemoryRegion {
-                    guest_addr: r.guest_addr,
-                    size: r.size,
-                })
-                .collect(),
             tracker: self.tracker.clone(),
             epoch_interval_ms: self.cfg.epoch_interval.as_millis().min(u32::MAX as u128) as u32,
             session_id: self.session_id,
             resume_from_epoch: self.acked,
+            generation: 0,
+            manifest,
         };
         rt.block_on(ctl_tx.send(&Frame::new(0, Body::Hello(hello))))?;
         let reply = rt
@@ -324,6 +346,18 @@ impl Primary {
             .ok_or_else(|| PrimaryError::Protocol("control stream closed before Hello".into()))?;
         let theirs = match reply.body {
             Body::Hello(h) if h.role == Role::Backup => h,
+            Body::Error(e) if e.code == crate::backup::REFUSED_VERSION => {
+                return Err(PrimaryError::Refused {
+                    code: e.code,
+                    message: e.message,
+                })
+            }
+            Body::Error(e) if e.code == crate::backup::REFUSED_MANIFEST => {
+                return Err(PrimaryError::Refused {
+                    code: e.code,
+                    message: e.message,
+                })
+            }
             Body::Error(e) => {
                 return Err(PrimaryError::Peer {
                     code: e.code,
@@ -337,6 +371,17 @@ impl Primary {
                 )))
             }
         };
+        // The backup answers with the one version it chose from our range.
+        let version = theirs.versions.max;
+        if theirs.versions.min != version || !self.cfg.protocol.contains(version) {
+            return Err(PrimaryError::Protocol(format!(
+                "the backup chose protocol {} outside our {}",
+                theirs.versions, self.cfg.protocol
+            )));
+        }
+        ctl_tx.set_version(version);
+        conn.set_version(version);
+        self.encoder.set_version(version);
         let backup_committed = theirs.resume_from_epoch;
         let incremental = theirs.session_id == self.session_id
             && backup_committed >= 1
@@ -379,6 +424,7 @@ impl Primary {
             ctl_tx,
             out_rx,
             board.clone(),
+            #[cfg(feature = "fault-injection")]
             self.cfg.fault.take(),
         ));
         let acker = rt.spawn(ack_task(
@@ -593,8 +639,9 @@ impl Primary {
                 data.resize(need, 0);
             }
             copy_pages(&self.vm, &pages, &mut data[..need])?;
-            let state = self.vm.capture_state()?;
+            // Seal first: the output part stages the buffer's position after it.
             self.output.seal(epoch)?;
+            let sections = stage_parts(&self.parts)?;
             // Output that passed through unprotected (no backup yet, or just
             // after a takeover) is part of this checkpoint's history: from
             // here on it is held again. Done in the pause, so the guest's
@@ -607,22 +654,16 @@ impl Primary {
                 epoch,
                 pages,
                 data: std::mem::take(&mut data),
-                state: Some(state),
-                held: Vec::new(),
-                output_next_seq: self.output.next_seq(),
+                sections,
                 memory_digest,
             })
         })();
         self.vm.resume();
         let pause = t0.elapsed();
-        let mut staged = staged?;
-        // Everything sealed and not yet acknowledged travels in this checkpoint,
-        // so the backup can re-emit it whatever the primary released.
-        for sealed in self.output.pending_sealed() {
-            for item in sealed.iter() {
-                staged.held.push((item.seq, item.data.clone()));
-            }
-        }
+        // Everything sealed and not yet acknowledged travels in this
+        // checkpoint (the output part), so the backup can re-emit it
+        // whatever the primary released.
+        let staged = staged?;
         self.epoch = epoch;
         self.status.epoch.store(epoch, Ordering::Relaxed);
         self.status
@@ -764,9 +805,11 @@ async fn send_task(
     mut ctl_tx: FrameSender,
     mut rx: tokio::sync::mpsc::Receiver<Outgoing>,
     board: Arc<AckBoard>,
-    fault: Option<(u64, Fault)>,
+    #[cfg(feature = "fault-injection")] fault: Option<(u64, Fault)>,
 ) {
+    #[allow(unused_mut)]
     while let Some(mut o) = rx.recv().await {
+        #[cfg(feature = "fault-injection")]
         if let Some((at, f)) = fault {
             if o.epoch == at && !o.end.is_empty() {
                 log::warn!("fault injection: {f:?} in epoch {at}'s data frames");
@@ -884,6 +927,7 @@ async fn heartbeat_task(
             Body::Heartbeat(wire::Heartbeat {
                 sent_at_nanos: start.elapsed().as_nanos() as u64,
                 last_committed_epoch: status.acked.load(Ordering::Relaxed),
+                generation: 0,
             }),
         );
         if let Err(e) = conn.send_datagram_frame(&hb) {
@@ -901,6 +945,7 @@ async fn heartbeat_listener(conn: Arc<Connection>, board: Arc<AckBoard>) {
 }
 
 /// Applies a [`Fault`] to a buffer of whole frames.
+#[cfg(feature = "fault-injection")]
 fn inject(fault: Fault, data: Vec<u8>) -> Vec<u8> {
     let limits = wire::Limits {
         max_payload: u32::MAX,

@@ -55,6 +55,8 @@ struct Params {
     tracking: DirtyTracking,
     epochs: u64,
     fault: Option<(u64, Fault)>,
+    /// Protocol versions the primary offers.
+    protocol: castor_parts::VersionRange,
 }
 
 fn run_pair(p: Params) -> Outcome {
@@ -126,6 +128,7 @@ fn run_pair(p: Params) -> Outcome {
                 sessions.push(match end {
                     Ok(SessionEnd::ProtocolError(w)) => format!("protocol: {w}"),
                     Ok(SessionEnd::PrimaryLost(w)) => format!("lost: {w}"),
+                    Ok(SessionEnd::Refused(w)) => format!("refused: {w}"),
                     Err(e) => format!("error: {e}"),
                 });
             }
@@ -184,6 +187,7 @@ fn run_pair(p: Params) -> Outcome {
             verify_memory_every: 1,
             peer_timeout: Duration::from_secs(3),
             fault: p.fault,
+            protocol: p.protocol,
             ..Default::default()
         },
     );
@@ -264,12 +268,27 @@ fn check_released(o: &Outcome) {
 }
 
 fn clean_run(vcpus: u32, rate: u64, tracking: DirtyTracking) {
+    clean_run_with(
+        vcpus,
+        rate,
+        tracking,
+        castor_replicator::wire::PROTOCOL_VERSIONS,
+    );
+}
+
+fn clean_run_with(
+    vcpus: u32,
+    rate: u64,
+    tracking: DirtyTracking,
+    protocol: castor_parts::VersionRange,
+) {
     let o = run_pair(Params {
         vcpus,
         rate,
         tracking,
         epochs: 200,
         fault: None,
+        protocol,
     });
     assert!(o.acked >= 200, "only {} epochs acknowledged", o.acked);
     assert_eq!(o.verify_failures, 0, "memory verification failed");
@@ -281,6 +300,21 @@ fn clean_run(vcpus: u32, rate: u64, tracking: DirtyTracking) {
 #[test]
 fn replicate_1_vcpu_bitmap_verified() {
     clean_run(1, 20 << 20, DirtyTracking::Bitmap);
+}
+
+/// Rolling upgrade: a primary that speaks only the previous protocol
+/// version pairs with this backup (which speaks both) and replicates, every
+/// commit verified.
+#[test]
+fn previous_protocol_version_pairs_and_replicates() {
+    use castor_replicator::wire::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+    assert_eq!(MIN_PROTOCOL_VERSION + 1, PROTOCOL_VERSION);
+    clean_run_with(
+        1,
+        20 << 20,
+        DirtyTracking::Bitmap,
+        castor_parts::VersionRange::only(MIN_PROTOCOL_VERSION),
+    );
 }
 
 #[test]
@@ -298,6 +332,7 @@ fn fault_run(fault: Fault, expect_reject: bool) {
         tracking: DirtyTracking::Auto,
         epochs: 120,
         fault: Some((40, fault)),
+        protocol: castor_replicator::wire::PROTOCOL_VERSIONS,
     });
     assert!(
         o.acked >= 120,

@@ -32,6 +32,9 @@ pub enum Error {
     /// A saved state does not fit this VM.
     #[error("state does not fit this VM: {0}")]
     StateMismatch(String),
+    /// The guest's state needs what this host cannot give it.
+    #[error("this host cannot run the guest's state: {0}")]
+    HostMismatch(#[from] crate::host::HostMismatch),
     /// A vCPU thread could not be started.
     #[error("cannot start vCPU thread: {0}")]
     Thread(#[source] std::io::Error),
@@ -41,6 +44,9 @@ pub enum Error {
     /// Dirty tracking failed or is unavailable.
     #[error("dirty tracking: {0}")]
     DirtyTracking(#[from] castor_dirty_tracking::Error),
+    /// Booting a Linux guest failed.
+    #[error(transparent)]
+    Linux(#[from] crate::linux::LinuxError),
 }
 
 impl Error {

@@ -37,6 +37,10 @@ pub enum StopReason {
     /// An exit the VMM does not handle.
     #[error("unexpected exit: {0}")]
     UnexpectedExit(String),
+    /// KVM could not emulate a guest instruction (or hit another internal
+    /// error): the exit, RIP and instruction bytes.
+    #[error("{0}")]
+    EmulationFailure(Box<crate::linux::EmulationFailure>),
 }
 
 /// What the vCPU thread does after an exit was handled.
@@ -85,6 +89,8 @@ pub(crate) struct GuestPorts {
     pub sink: Arc<dyn OutputSink>,
     /// Devices at and above `pv::DEVICES_BASE`.
     pub devices: Arc<crate::devices::DeviceBus>,
+    /// The legacy platform of a Linux guest (port I/O), when on.
+    pub platform: Arc<crate::linux::serial::Platform>,
 }
 
 impl GuestPorts {
@@ -130,11 +136,17 @@ impl GuestPorts {
 
 impl ExitHandler for GuestPorts {
     fn io_in(&self, _vcpu: u32, p: u16, data: &mut [u8]) -> ExitAction {
+        if self.platform.io_in(p, data) {
+            return ExitAction::Continue;
+        }
         data.fill(0xff);
         ExitAction::Stop(StopReason::UnexpectedExit(format!("in from port {p:#x}")))
     }
 
-    fn io_out(&self, _vcpu: u32, p: u16, _data: &[u8]) -> ExitAction {
+    fn io_out(&self, _vcpu: u32, p: u16, data: &[u8]) -> ExitAction {
+        if self.platform.io_out(p, data) {
+            return ExitAction::Continue;
+        }
         ExitAction::StopNow(StopReason::UnexpectedExit(format!("out to port {p:#x}")))
     }
 
@@ -181,6 +193,12 @@ impl ExitHandler for GuestPorts {
                 data.len()
             ))),
         }
+    }
+
+    fn internal_error(&self, vcpu: u32, fd: &mut kvm_ioctls::VcpuFd) -> StopReason {
+        let failure = crate::linux::emulation::report(fd, &self.mem);
+        log::error!("vCPU {vcpu} stopped: {failure}");
+        StopReason::EmulationFailure(Box::new(failure))
     }
 }
 

@@ -85,6 +85,12 @@ pub struct VmDevicesState {
     pub pit: kvm_pit_state2,
     /// kvmclock.
     pub clock: kvm_clock_data,
+    /// The legacy platform of a Linux guest (COM1's registers); `None` for
+    /// the built-in guest. Interrupt routing is KVM's default (GSI n = IOAPIC
+    /// pin n), and the LAPIC timer, PIT and kvmclock are in the other fields
+    /// and the vCPUs' LAPIC and MSRs.
+    #[serde(default)]
+    pub legacy: Option<crate::linux::SerialState>,
 }
 
 /// Everything about a paused VM except the content of its memory.

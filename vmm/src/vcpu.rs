@@ -136,6 +136,8 @@ pub(crate) trait ExitHandler: Send + Sync {
     fn io_out(&self, vcpu: u32, port: u16, data: &[u8]) -> ExitAction;
     fn mmio_read(&self, vcpu: u32, addr: u64, data: &mut [u8]) -> ExitAction;
     fn mmio_write(&self, vcpu: u32, addr: u64, data: &[u8]) -> ExitAction;
+    /// `KVM_EXIT_INTERNAL_ERROR` (e.g. an instruction KVM could not emulate).
+    fn internal_error(&self, vcpu: u32, fd: &mut VcpuFd) -> StopReason;
 }
 
 /// The body of vCPU thread `id`.
@@ -182,9 +184,9 @@ pub(crate) fn vcpu_loop(
                 }
             }
             Ok(VcpuExit::Hlt) => ExitAction::StopNow(StopReason::UnexpectedExit("HLT".into())),
-            Ok(VcpuExit::InternalError) => ExitAction::StopNow(StopReason::UnexpectedExit(
-                "KVM internal error (emulation failure)".into(),
-            )),
+            Ok(VcpuExit::InternalError) => {
+                ExitAction::StopNow(handler.internal_error(id, &mut guard))
+            }
             Ok(VcpuExit::FailEntry(reason, _)) => ExitAction::StopNow(StopReason::UnexpectedExit(
                 format!("VM entry failed, hardware reason {reason:#x}"),
             )),

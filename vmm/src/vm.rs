@@ -4,6 +4,7 @@ use crate::arch;
 use crate::error::{Error, Result};
 use crate::exits::{GuestPorts, OutputSink};
 use crate::guest::{GuestBoot, Workload, GUEST_IMAGE};
+use crate::linux::{self, Console, LinuxBoot, LinuxBootReport};
 use crate::loader;
 use crate::memory::{self, GuestMemoryMmap};
 use crate::state::{VcpuState, VmDevicesState, VmShape, VmState, STATE_VERSION};
@@ -106,11 +107,17 @@ pub struct Vm {
     msr_indices: Vec<u32>,
     xsave2_words: usize,
     tsc_khz: u32,
+    /// KVM_GET_SUPPORTED_CPUID of this host (what a restored guest may use).
+    supported_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
     devices: Arc<crate::devices::DeviceBus>,
+    /// A Linux guest's legacy platform (COM1); off for the built-in guest.
+    platform: Arc<linux::serial::Platform>,
     /// The dirty tracker (None when the config asked for none).
     dirty: Option<Mutex<Box<dyn DirtyTracker>>>,
     /// VMM-side dirty marks (raw-pointer writes, always-dirty ranges).
     marks: DirtyMarks,
+    /// The ring backend's shared part (ring-full exits), if the ring is in use.
+    dirty_ring: Option<Arc<castor_dirty_tracking::RingShared>>,
 }
 
 impl Vm {
@@ -221,10 +228,12 @@ impl Vm {
             exits: fds.iter().map(ImmediateExit::new).collect(),
         });
         let devices = Arc::new(crate::devices::DeviceBus::new(mem.clone()));
+        let platform = Arc::new(linux::serial::Platform::new());
         let handler: Arc<dyn vcpu::ExitHandler> = Arc::new(GuestPorts {
             mem: mem.clone(),
             sink,
             devices: devices.clone(),
+            platform: platform.clone(),
         });
         let mut vcpus = Vec::new();
         for (id, vfd) in fds.into_iter().enumerate() {
@@ -248,9 +257,12 @@ impl Vm {
             msr_indices,
             xsave2_words,
             tsc_khz,
+            supported_cpuid: supported.as_slice().to_vec(),
             devices,
+            platform,
             dirty,
             marks,
+            dirty_ring: ring,
         };
         vm.shared.wait_all_out(n);
         Ok(vm)
@@ -291,6 +303,13 @@ impl Vm {
             .ok_or(Error::WrongState(
                 "this VM was created without dirty tracking: set VmConfig::dirty_tracking",
             ))
+    }
+
+    /// How many `KVM_EXIT_DIRTY_RING_FULL` exits the vCPU threads have
+    /// handled since the VM was created (each moved a full ring into the
+    /// pending set of the next harvest); 0 unless the ring backend is in use.
+    pub fn dirty_ring_full_exits(&self) -> u64 {
+        self.dirty_ring.as_ref().map_or(0, |r| r.full_exits())
     }
 
     /// (Re)starts dirty tracking: everything dirtied so far is forgotten; the
@@ -425,6 +444,69 @@ impl Vm {
         Ok(())
     }
 
+    /// Boots a Linux kernel (see [`crate::linux`]): loads the kernel,
+    /// initramfs and command line, writes the e820 map, ACPI tables (COM1 and
+    /// the virtio devices already on the bus) and boot parameters, gives each
+    /// vCPU the Linux CPUID, and points the boot vCPU at the kernel's entry.
+    /// The VM must be fresh and paused; its output appears on [`Vm::console`].
+    pub fn boot_linux(&self, boot: &LinuxBoot) -> Result<LinuxBootReport> {
+        self.boot_linux_with(boot, linux::CpuidPolicy::Auto)
+    }
+
+    /// [`Vm::boot_linux`] with an explicit CPUID policy (e.g.
+    /// [`linux::CpuidPolicy::Hardware`] on PVM, to see where the emulator stops).
+    pub fn boot_linux_with(
+        &self,
+        boot: &LinuxBoot,
+        cpuid: linux::CpuidPolicy,
+    ) -> Result<LinuxBootReport> {
+        self.require_paused("boot")?;
+        let mut report = linux::boot::load(&self.mem, self.config.mem_bytes, boot)?;
+        report.virtio = self.platform.connect_virtio(&self.fd, &self.devices)?;
+        let decls: Vec<linux::acpi::VirtioDecl> = report
+            .virtio
+            .iter()
+            .map(|&(base, gsi, _)| linux::acpi::VirtioDecl { base, gsi })
+            .collect();
+        linux::acpi::write_tables(&self.mem, self.config.vcpus, &decls)?;
+        self.platform.activate(&self.fd, None)?;
+        self.platform.start_poller(&self.shared, &self.devices)?;
+        let pvm = cpuid.hides_pvm_features();
+        for (id, v) in self.vcpus.iter().enumerate() {
+            let fd = lock_fd(&v.fd);
+            let base = fd
+                .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+                .map_err(Error::kvm("KVM_GET_CPUID2"))?;
+            fd.set_cpuid2(&linux::cpuid::for_linux(&base, pvm))
+                .map_err(Error::kvm("KVM_SET_CPUID2"))?;
+            if id == 0 {
+                let actual = fd
+                    .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+                    .map_err(Error::kvm("KVM_GET_CPUID2"))?;
+                report.cpuid_kept = linux::cpuid::kept(&actual, linux::cpuid::ALWAYS_HIDDEN);
+                if pvm {
+                    report
+                        .cpuid_kept
+                        .extend(linux::cpuid::kept(&actual, linux::cpuid::PVM_HIDDEN));
+                }
+                if !report.cpuid_kept.is_empty() {
+                    log::info!(
+                        "linux boot: KVM keeps CPUID features Castor hid: {}",
+                        report.cpuid_kept.join(" ")
+                    );
+                }
+            }
+            linux::boot::setup_vcpu(&fd, id as u32, &report)?;
+        }
+        self.set_all_runnable();
+        Ok(report)
+    }
+
+    /// The serial console of a Linux guest (COM1's output, line by line).
+    pub fn console(&self) -> Console {
+        self.platform.console()
+    }
+
     /// Lets every runnable vCPU run.
     pub fn resume(&self) {
         let mut c = self.shared.lock();
@@ -515,6 +597,7 @@ impl Vm {
             ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
             pit: self.fd.get_pit2().map_err(Error::kvm("KVM_GET_PIT2"))?,
             clock: self.fd.get_clock().map_err(Error::kvm("KVM_GET_CLOCK"))?,
+            legacy: self.platform.capture(),
         })
     }
 
@@ -624,6 +707,118 @@ impl Vm {
         Ok(msrs.as_slice().to_vec())
     }
 
+    /// Captures one vCPU's state (the vCPU part). The VM must be paused.
+    pub fn capture_vcpu_state(&self, index: u32) -> Result<VcpuState> {
+        self.require_paused("capture")?;
+        let v = self.vcpu_handle(index)?;
+        self.capture_vcpu(index, &lock_fd(&v.fd))
+    }
+
+    /// Checks, without applying anything, that `s` can be restored into
+    /// vCPU `index` of this VM: the label, the XSAVE area size this host's
+    /// KVM uses, every MSR among those this VM can set, a CPUID table KVM
+    /// can take. What only KVM can judge is proven by a restore dry run.
+    pub fn check_vcpu_state(&self, index: u32, s: &VcpuState) -> Result<()> {
+        self.vcpu_handle(index)?;
+        if s.id != index {
+            return Err(Error::StateMismatch(format!(
+                "vCPU state labelled {} offered for vCPU {index}",
+                s.id
+            )));
+        }
+        let want = if self.xsave2_words > 1024 {
+            self.xsave2_words
+        } else {
+            1024
+        };
+        if s.xsave.len() != want {
+            return Err(Error::StateMismatch(format!(
+                "xsave area of {} words, this host's KVM uses {want}",
+                s.xsave.len()
+            )));
+        }
+        if s.cpuid.is_empty() || s.cpuid.len() > KVM_MAX_CPUID_ENTRIES {
+            return Err(Error::StateMismatch(format!(
+                "CPUID table of {} entries (1 to {KVM_MAX_CPUID_ENTRIES})",
+                s.cpuid.len()
+            )));
+        }
+        if let Some(m) = s
+            .msrs
+            .iter()
+            .find(|m| self.msr_indices.binary_search(&m.index).is_err())
+        {
+            return Err(Error::StateMismatch(format!(
+                "MSR {:#x} is not one this host's KVM can restore",
+                m.index
+            )));
+        }
+        Ok(())
+    }
+
+    /// Restores one vCPU's state (the vCPU part) and makes it runnable. The
+    /// VM must be paused; restore the VM-wide devices first (the LAPIC
+    /// needs the irqchip).
+    pub fn restore_vcpu_state(&self, index: u32, s: &VcpuState) -> Result<()> {
+        self.require_paused("restore")?;
+        self.check_vcpu_state(index, s)?;
+        let v = self.vcpu_handle(index)?;
+        self.restore_vcpu(&lock_fd(&v.fd), s)?;
+        let mut c = self.shared.lock();
+        if let Some(r) = c.runnable.get_mut(index as usize) {
+            *r = true;
+        }
+        if let Some(st) = c.states.get_mut(index as usize) {
+            *st = VcpuRunState::Paused;
+        }
+        Ok(())
+    }
+
+    /// Captures the VM-wide in-kernel devices and the clock (the KVM VM
+    /// part). The VM must be paused.
+    pub fn capture_vm_devices_state(&self) -> Result<VmDevicesState> {
+        self.require_paused("capture")?;
+        self.capture_vm_devices()
+    }
+
+    /// Restores the VM-wide in-kernel devices and the clock. The VM must be
+    /// paused.
+    pub fn restore_vm_devices_state(&self, s: &VmDevicesState) -> Result<()> {
+        self.require_paused("restore")?;
+        self.restore_vm_devices(s)
+    }
+
+    /// What this VM's state needs of a host to be restored there.
+    pub fn host_needs(&self) -> crate::host::HostNeeds {
+        crate::host::HostNeeds {
+            xsave_words: if self.xsave2_words > 1024 {
+                self.xsave2_words as u32
+            } else {
+                1024
+            },
+            msrs: self.msr_indices.clone(),
+            tsc_khz: self.tsc_khz,
+            cpuid: crate::host::feature_leaves(&self.supported_cpuid),
+        }
+    }
+
+    /// Checks that a state needing `needs` can be restored into this VM:
+    /// the error names what differs between the two hosts.
+    pub fn check_host_needs(&self, needs: &crate::host::HostNeeds) -> Result<()> {
+        needs
+            .check(&self.host_needs(), &self.supported_cpuid)
+            .map_err(Error::HostMismatch)
+    }
+
+    fn vcpu_handle(&self, index: u32) -> Result<&VcpuHandle> {
+        self.vcpus.get(index as usize).ok_or_else(|| {
+            Error::StateMismatch(format!(
+                "vCPU {index} does not exist (this VM has {})",
+                self.vcpus.len()
+            ))
+        })
+    }
+
     /// Restores a captured state into this paused VM (guest memory is copied
     /// separately). Refuses a state of another shape or version.
     pub fn restore_state(&self, state: &VmState) -> Result<()> {
@@ -681,6 +876,14 @@ impl Vm {
             self.fd
                 .set_irqchip(chip)
                 .map_err(Error::kvm("KVM_SET_IRQCHIP"))?;
+        }
+        match &s.legacy {
+            Some(serial) => {
+                self.platform.activate(&self.fd, Some(serial))?;
+                self.platform.connect_virtio(&self.fd, &self.devices)?;
+                self.platform.start_poller(&self.shared, &self.devices)?;
+            }
+            None => self.platform.deactivate(),
         }
         Ok(())
     }

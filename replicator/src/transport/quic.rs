@@ -185,6 +185,7 @@ impl Listener {
             conn.remote_address()
         );
         Ok(Connection {
+            version: std::sync::atomic::AtomicU16::new(crate::wire::PROTOCOL_VERSION),
             conn,
             _endpoint: None,
             limits: self.limits.clone(),
@@ -212,6 +213,7 @@ pub async fn connect(
     let conn = endpoint.connect_with(client, remote, SERVER_NAME)?.await?;
     log::info!("connected to replication peer {remote}");
     Ok(Connection {
+        version: std::sync::atomic::AtomicU16::new(crate::wire::PROTOCOL_VERSION),
         conn,
         _endpoint: Some(endpoint),
         limits: cfg.limits.clone(),

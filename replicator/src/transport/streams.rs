@@ -25,9 +25,23 @@ pub struct Connection {
     pub(super) conn: quinn::Connection,
     pub(super) _endpoint: Option<quinn::Endpoint>,
     pub(super) limits: Limits,
+    /// Protocol version datagrams are encoded in (the negotiated one).
+    pub(super) version: std::sync::atomic::AtomicU16,
 }
 
 impl Connection {
+    /// Sets the protocol version negotiated at Hello: datagrams are encoded
+    /// in it from now on.
+    pub fn set_version(&self, version: u16) {
+        self.version
+            .store(version, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The protocol version in use.
+    pub fn version(&self) -> u16 {
+        self.version.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Opens the bidirectional control stream (send a frame first: the peer
     /// sees the stream only then).
     pub async fn open_control(&self) -> Result<(FrameSender, FrameReceiver), TransportError> {
@@ -61,7 +75,7 @@ impl Connection {
     /// Sends a small frame (e.g. a `Heartbeat`) as an unreliable QUIC datagram.
     pub fn send_datagram_frame(&self, frame: &Frame) -> Result<(), TransportError> {
         let mut buf = Vec::with_capacity(wire::HEADER_LEN + 32);
-        frame.encode(&mut buf)?;
+        frame.encode_at(self.version(), &mut buf)?;
         self.conn.send_datagram(bytes::Bytes::from(buf))?;
         Ok(())
     }
@@ -134,6 +148,7 @@ pub struct FrameSender {
     stream: quinn::SendStream,
     buf: Vec<u8>,
     frames: u64,
+    version: u16,
 }
 
 impl FrameSender {
@@ -142,13 +157,19 @@ impl FrameSender {
             stream,
             buf: Vec::new(),
             frames: 0,
+            version: wire::PROTOCOL_VERSION,
         }
+    }
+
+    /// Encodes frames in protocol `version` from now on (the negotiated one).
+    pub fn set_version(&mut self, version: u16) {
+        self.version = version;
     }
 
     /// Encodes and sends one frame; returns its header (for [`wire::EpochTally`]).
     pub async fn send(&mut self, frame: &Frame) -> Result<Header, TransportError> {
         self.buf.clear();
-        let header = frame.encode(&mut self.buf)?;
+        let header = frame.encode_at(self.version, &mut self.buf)?;
         self.stream.write_all(&self.buf).await?;
         self.frames += 1;
         Ok(header)

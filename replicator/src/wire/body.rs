@@ -2,7 +2,8 @@
 //! ([`Frame::encode`]).
 
 use super::writer::{begin_frame, end_frame};
-use super::{FrameType, Header, WireError, MEMORY_DIGEST_LEN};
+use super::{FrameType, Header, WireError, MEMORY_DIGEST_LEN, PROTOCOL_VERSION};
+use castor_parts::{PartId, VersionRange};
 
 /// Which side of the replication pair a peer is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -29,34 +30,29 @@ impl Role {
     }
 }
 
-/// A guest memory region.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct MemoryRegion {
-    /// Guest physical start address.
-    pub guest_addr: u64,
-    /// Size in bytes.
-    pub size: u64,
-}
-
-/// Session handshake: each side sends one on the control stream first.
+/// Session handshake: each side sends one on the control stream first. Its
+/// layout is the same in every protocol version from 2 on (so two peers can
+/// always read each other's `Hello` to agree on a version); the primary
+/// sends its own range, the backup answers with the one version chosen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
-    /// Protocol version the sender speaks.
-    pub protocol_version: u16,
+    /// Protocol versions the sender speaks (the backup's reply: exactly the
+    /// version chosen for the session).
+    pub versions: VersionRange,
     /// Sender's role.
     pub role: Role,
-    /// Number of vCPUs.
-    pub vcpus: u32,
-    /// Guest memory layout.
-    pub memory_regions: Vec<MemoryRegion>,
-    /// Dirty-page tracker name (short, e.g. `"kvm-dirty-log"`).
+    /// Dirty-page tracker name (short, e.g. `"bitmap"`).
     pub tracker: String,
     /// Epoch interval in milliseconds.
     pub epoch_interval_ms: u32,
     /// Session identifier (random per replication session).
     pub session_id: u64,
-    /// First epoch the sender expects to send/receive (0 for a fresh session).
+    /// Primary: its last acknowledged epoch; backup: its committed epoch.
     pub resume_from_epoch: u64,
+    /// The sender's fencing generation (0: no witness).
+    pub generation: u64,
+    /// Primary: the encoded manifest (see `crate::manifest`); backup: empty.
+    pub manifest: Vec<u8>,
 }
 
 /// One encoded page (owned form).
@@ -78,38 +74,16 @@ pub struct PageBatch {
     pub pages: Vec<PageEntry>,
 }
 
-/// One vCPU's opaque state.
+/// One part's state at the epoch's pause (owned form; to encode without a
+/// copy use [`SectionWriter`](super::SectionWriter)).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VcpuState {
-    /// vCPU index.
-    pub vcpu_index: u32,
-    /// Serialized state.
+pub struct Section {
+    /// Whose state.
+    pub part: PartId,
+    /// The section's own format version.
+    pub version: u16,
+    /// The encoded state.
     pub data: Vec<u8>,
-}
-
-/// One device's opaque state.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeviceState {
-    /// Device identifier (e.g. `"serial0"`).
-    pub device_id: String,
-    /// Serialized state.
-    pub data: Vec<u8>,
-}
-
-/// One held output record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutputItem {
-    /// Sequence number.
-    pub seq: u64,
-    /// Output bytes.
-    pub data: Vec<u8>,
-}
-
-/// Output the guest emitted during the epoch.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct HeldOutput {
-    /// The items.
-    pub items: Vec<OutputItem>,
 }
 
 /// End of an epoch's checkpoint.
@@ -132,6 +106,8 @@ pub struct Heartbeat {
     pub sent_at_nanos: u64,
     /// Last epoch the sender knows to be committed.
     pub last_committed_epoch: u64,
+    /// The sender's fencing generation (protocol 3; 0 when read from 2).
+    pub generation: u64,
 }
 
 /// Fatal error report (owned form).
@@ -150,12 +126,8 @@ pub enum Body {
     Hello(Hello),
     /// See [`PageBatch`].
     PageBatch(PageBatch),
-    /// See [`VcpuState`].
-    VcpuState(VcpuState),
-    /// See [`DeviceState`].
-    DeviceState(DeviceState),
-    /// See [`HeldOutput`].
-    HeldOutput(HeldOutput),
+    /// See [`Section`].
+    Section(Section),
     /// See [`EpochEnd`].
     EpochEnd(EpochEnd),
     /// Acknowledges the frame's epoch.
@@ -172,9 +144,7 @@ impl Body {
         match self {
             Body::Hello(_) => FrameType::Hello,
             Body::PageBatch(_) => FrameType::PageBatch,
-            Body::VcpuState(_) => FrameType::VcpuState,
-            Body::DeviceState(_) => FrameType::DeviceState,
-            Body::HeldOutput(_) => FrameType::HeldOutput,
+            Body::Section(_) => FrameType::Section,
             Body::EpochEnd(_) => FrameType::EpochEnd,
             Body::Ack => FrameType::Ack,
             Body::Heartbeat(_) => FrameType::Heartbeat,
@@ -190,17 +160,6 @@ pub struct Frame {
     pub epoch: u64,
     /// The body.
     pub body: Body,
-}
-
-fn put_u8_str(buf: &mut Vec<u8>, s: &str, what: &'static str) -> Result<(), WireError> {
-    let len = u8::try_from(s.len()).map_err(|_| WireError::StringTooLong {
-        what,
-        len: s.len(),
-        cap: u8::MAX.into(),
-    })?;
-    buf.push(len);
-    buf.extend_from_slice(s.as_bytes());
-    Ok(())
 }
 
 fn count_u32(n: usize, what: &'static str) -> Result<u32, WireError> {
@@ -224,15 +183,20 @@ impl Frame {
     /// entry over 65535 bytes, a payload over 4 GiB); `buf` is then left as it
     /// was.
     pub fn encode(&self, buf: &mut Vec<u8>) -> Result<Header, WireError> {
+        self.encode_at(PROTOCOL_VERSION, buf)
+    }
+
+    /// [`Frame::encode`] in protocol `version` (the one negotiated).
+    pub fn encode_at(&self, version: u16, buf: &mut Vec<u8>) -> Result<Header, WireError> {
         let start = begin_frame(buf);
-        if let Err(e) = self.encode_payload(buf) {
+        if let Err(e) = self.encode_payload(version, buf) {
             buf.truncate(start);
             return Err(e);
         }
-        end_frame(buf, start, self.body.frame_type(), self.epoch)
+        end_frame(buf, start, self.body.frame_type(), self.epoch, version)
     }
 
-    fn encode_payload(&self, buf: &mut Vec<u8>) -> Result<(), WireError> {
+    fn encode_payload(&self, version: u16, buf: &mut Vec<u8>) -> Result<(), WireError> {
         match &self.body {
             Body::Hello(h) => {
                 let tracker_len =
@@ -241,20 +205,19 @@ impl Frame {
                         len: h.tracker.len(),
                         cap: u8::MAX.into(),
                     })?;
-                let regions = count_u32(h.memory_regions.len(), "memory regions")?;
-                buf.extend_from_slice(&h.protocol_version.to_le_bytes());
+                let manifest_len = count_u32(h.manifest.len(), "manifest bytes")?;
+                buf.extend_from_slice(&h.versions.min.to_le_bytes());
+                buf.extend_from_slice(&h.versions.max.to_le_bytes());
                 buf.push(h.role.to_u8());
                 buf.push(tracker_len);
-                buf.extend_from_slice(&h.vcpus.to_le_bytes());
+                buf.extend_from_slice(&[0, 0]);
                 buf.extend_from_slice(&h.epoch_interval_ms.to_le_bytes());
-                buf.extend_from_slice(&regions.to_le_bytes());
                 buf.extend_from_slice(&h.session_id.to_le_bytes());
                 buf.extend_from_slice(&h.resume_from_epoch.to_le_bytes());
+                buf.extend_from_slice(&h.generation.to_le_bytes());
+                buf.extend_from_slice(&manifest_len.to_le_bytes());
                 buf.extend_from_slice(h.tracker.as_bytes());
-                for r in &h.memory_regions {
-                    buf.extend_from_slice(&r.guest_addr.to_le_bytes());
-                    buf.extend_from_slice(&r.size.to_le_bytes());
-                }
+                buf.extend_from_slice(&h.manifest);
             }
             Body::PageBatch(b) => {
                 let count = count_u32(b.pages.len(), "page batch")?;
@@ -271,23 +234,11 @@ impl Frame {
                     buf.extend_from_slice(&p.data);
                 }
             }
-            Body::VcpuState(v) => {
-                buf.extend_from_slice(&v.vcpu_index.to_le_bytes());
-                buf.extend_from_slice(&v.data);
-            }
-            Body::DeviceState(d) => {
-                put_u8_str(buf, &d.device_id, "device id")?;
-                buf.extend_from_slice(&d.data);
-            }
-            Body::HeldOutput(o) => {
-                let count = count_u32(o.items.len(), "held output")?;
-                buf.extend_from_slice(&count.to_le_bytes());
-                for it in &o.items {
-                    let len = count_u32(it.data.len(), "held output item bytes")?;
-                    buf.extend_from_slice(&it.seq.to_le_bytes());
-                    buf.extend_from_slice(&len.to_le_bytes());
-                    buf.extend_from_slice(&it.data);
-                }
+            Body::Section(sec) => {
+                buf.extend_from_slice(&sec.part.kind.as_u16().to_le_bytes());
+                buf.extend_from_slice(&sec.part.instance.to_le_bytes());
+                buf.extend_from_slice(&sec.version.to_le_bytes());
+                buf.extend_from_slice(&sec.data);
             }
             Body::EpochEnd(e) => {
                 buf.extend_from_slice(&e.page_count.to_le_bytes());
@@ -303,6 +254,9 @@ impl Frame {
             Body::Heartbeat(h) => {
                 buf.extend_from_slice(&h.sent_at_nanos.to_le_bytes());
                 buf.extend_from_slice(&h.last_committed_epoch.to_le_bytes());
+                if version >= 3 {
+                    buf.extend_from_slice(&h.generation.to_le_bytes());
+                }
             }
             Body::Error(e) => {
                 let len = u16::try_from(e.message.len()).map_err(|_| WireError::StringTooLong {

@@ -1,17 +1,17 @@
 //! Decoding into borrowed views ([`FrameRef`], [`BodyRef`], [`PageBatchRef`],
-//! [`HeldOutputRef`]) that point into the input buffer, and [`FrameIter`].
+//! [`SectionRef`]) that point into the input buffer, and [`FrameIter`].
 
 use std::fmt;
 
 use super::{
-    Body, DeviceState, EpochEnd, ErrorFrame, Frame, FrameType, Header, Heartbeat, HeldOutput,
-    Hello, Limits, MemoryRegion, OutputItem, PageBatch, PageEntry, Role, VcpuState, WireError,
-    HEADER_LEN, MEMORY_DIGEST_LEN,
+    Body, EpochEnd, ErrorFrame, Frame, FrameType, Header, Heartbeat, Hello, Limits, PageBatch,
+    PageEntry, Role, Section, WireError, HEADER_LEN, MEMORY_DIGEST_LEN,
 };
 
-const HELLO_FIXED_LEN: usize = 32;
+const HELLO_FIXED_LEN: usize = 40;
+/// Most bytes of a manifest in a `Hello`.
+const MAX_MANIFEST_LEN: usize = 64 << 10;
 const EPOCH_END_FIXED_LEN: usize = 24;
-const REGION_LEN: usize = 16;
 
 struct Cursor<'a> {
     buf: &'a [u8],
@@ -209,77 +209,15 @@ impl<'a> Iterator for PageIter<'a> {
     }
 }
 
-/// Borrowed `HeldOutput` payload.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct HeldOutputRef<'a> {
-    count: u32,
-    items: &'a [u8],
-}
-
-impl fmt::Debug for HeldOutputRef<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HeldOutputRef")
-            .field("count", &self.count)
-            .field("bytes", &self.items.len())
-            .finish()
-    }
-}
-
-impl<'a> HeldOutputRef<'a> {
-    fn parse(payload: &'a [u8], limits: &Limits) -> Result<Self, WireError> {
-        let mut c = Cursor::new(payload);
-        let count = c.u32("held output count")?;
-        if count > limits.max_output_items {
-            return Err(WireError::TooManyEntries {
-                what: "held output",
-                count: count.into(),
-                cap: limits.max_output_items.into(),
-            });
-        }
-        let items = c.rest();
-        let mut e = Cursor::new(items);
-        for _ in 0..count {
-            e.u64("held output item")?;
-            let len = e.u32("held output item")?;
-            e.bytes(len as usize, "held output item data")?;
-        }
-        e.finish("trailing bytes after held output")?;
-        Ok(HeldOutputRef { count, items })
-    }
-
-    /// Number of items.
-    pub fn len(&self) -> u32 {
-        self.count
-    }
-
-    /// True if there are no items.
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
-
-    /// Iterates over `(seq, bytes)`.
-    pub fn iter(&self) -> impl Iterator<Item = (u64, &'a [u8])> + 'a {
-        let mut c = Cursor::new(self.items);
-        (0..self.count).map_while(move |_| {
-            let seq = c.u64("").ok()?;
-            let len = c.u32("").ok()?;
-            let data = c.bytes(len as usize, "").ok()?;
-            Some((seq, data))
-        })
-    }
-
-    /// Copies into the owned form.
-    pub fn to_owned(&self) -> HeldOutput {
-        HeldOutput {
-            items: self
-                .iter()
-                .map(|(seq, data)| OutputItem {
-                    seq,
-                    data: data.to_vec(),
-                })
-                .collect(),
-        }
-    }
+/// A borrowed `Section` payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SectionRef<'a> {
+    /// Whose state.
+    pub part: castor_parts::PartId,
+    /// The section's format version.
+    pub version: u16,
+    /// The encoded state.
+    pub data: &'a [u8],
 }
 
 /// A decoded frame body, borrowing bulk data from the input buffer.
@@ -289,22 +227,8 @@ pub enum BodyRef<'a> {
     Hello(Hello),
     /// Pages.
     PageBatch(PageBatchRef<'a>),
-    /// vCPU state.
-    VcpuState {
-        /// vCPU index.
-        vcpu_index: u32,
-        /// Serialized state.
-        data: &'a [u8],
-    },
-    /// Device state.
-    DeviceState {
-        /// Device identifier.
-        device_id: &'a str,
-        /// Serialized state.
-        data: &'a [u8],
-    },
-    /// Held output.
-    HeldOutput(HeldOutputRef<'a>),
+    /// One part's state.
+    Section(SectionRef<'a>),
     /// End of epoch.
     EpochEnd(EpochEnd),
     /// Ack of the header's epoch.
@@ -340,15 +264,11 @@ impl FrameRef<'_> {
         let body = match &self.body {
             BodyRef::Hello(h) => Body::Hello(h.clone()),
             BodyRef::PageBatch(b) => Body::PageBatch(b.to_owned()),
-            BodyRef::VcpuState { vcpu_index, data } => Body::VcpuState(VcpuState {
-                vcpu_index: *vcpu_index,
-                data: data.to_vec(),
+            BodyRef::Section(sec) => Body::Section(Section {
+                part: sec.part,
+                version: sec.version,
+                data: sec.data.to_vec(),
             }),
-            BodyRef::DeviceState { device_id, data } => Body::DeviceState(DeviceState {
-                device_id: (*device_id).to_owned(),
-                data: data.to_vec(),
-            }),
-            BodyRef::HeldOutput(o) => Body::HeldOutput(o.to_owned()),
             BodyRef::EpochEnd(e) => Body::EpochEnd(*e),
             BodyRef::Ack => Body::Ack,
             BodyRef::Heartbeat(h) => Body::Heartbeat(*h),
@@ -414,26 +334,38 @@ pub fn decode_payload<'a>(
             actual,
         });
     }
-    parse_body(header.frame_type, payload, limits)
+    parse_body(header.frame_type, header.version, payload, limits)
 }
 
 fn parse_body<'a>(
     ty: FrameType,
+    version: u16,
     payload: &'a [u8],
     limits: &Limits,
 ) -> Result<BodyRef<'a>, WireError> {
     let mut c = Cursor::new(payload);
     let body = match ty {
         FrameType::Hello => {
-            let protocol_version = c.u16("hello")?;
+            let min = c.u16("hello")?;
+            let max = c.u16("hello")?;
             let role = Role::from_u8(c.u8("hello")?)?;
             let tracker_len = usize::from(c.u8("hello")?);
-            let vcpus = c.u32("hello")?;
+            if c.u16("hello")? != 0 {
+                return Err(WireError::Malformed {
+                    what: "hello reserved field is not zero",
+                });
+            }
             let epoch_interval_ms = c.u32("hello")?;
-            let region_count = c.u32("hello")?;
             let session_id = c.u64("hello")?;
             let resume_from_epoch = c.u64("hello")?;
+            let generation = c.u64("hello")?;
+            let manifest_len = c.u32("hello")? as usize;
             debug_assert_eq!(c.pos, HELLO_FIXED_LEN);
+            if min > max {
+                return Err(WireError::Malformed {
+                    what: "hello version range is empty",
+                });
+            }
             if tracker_len > limits.max_name_len {
                 return Err(WireError::StringTooLong {
                     what: "tracker name",
@@ -442,61 +374,45 @@ fn parse_body<'a>(
                 });
             }
             let tracker = c.str(tracker_len, "hello tracker name")?.to_owned();
-            if region_count > limits.max_regions {
+            if manifest_len > MAX_MANIFEST_LEN {
                 return Err(WireError::TooManyEntries {
-                    what: "memory regions",
-                    count: region_count.into(),
-                    cap: limits.max_regions.into(),
+                    what: "manifest bytes",
+                    count: manifest_len as u64,
+                    cap: MAX_MANIFEST_LEN as u64,
                 });
             }
             // Exact size check before allocating.
-            if c.remaining() != region_count as usize * REGION_LEN {
+            if c.remaining() != manifest_len {
                 return Err(WireError::Malformed {
-                    what: "hello region list length",
+                    what: "hello manifest length",
                 });
             }
-            let mut memory_regions = Vec::with_capacity(region_count as usize);
-            for _ in 0..region_count {
-                memory_regions.push(MemoryRegion {
-                    guest_addr: c.u64("hello region")?,
-                    size: c.u64("hello region")?,
-                });
-            }
+            let manifest = c.rest().to_vec();
             BodyRef::Hello(Hello {
-                protocol_version,
+                versions: castor_parts::VersionRange::new(min, max),
                 role,
-                vcpus,
-                memory_regions,
                 tracker,
                 epoch_interval_ms,
                 session_id,
                 resume_from_epoch,
+                generation,
+                manifest,
             })
         }
         FrameType::PageBatch => BodyRef::PageBatch(PageBatchRef::parse(payload, limits)?),
-        FrameType::VcpuState => {
-            let vcpu_index = c.u32("vcpu state")?;
-            BodyRef::VcpuState {
-                vcpu_index,
+        FrameType::Section => {
+            let kind = c.u16("section")?;
+            let instance = c.u32("section")?;
+            let version = c.u16("section")?;
+            let kind = castor_parts::PartKind::from_u16(kind).ok_or(WireError::Malformed {
+                what: "unknown part kind",
+            })?;
+            BodyRef::Section(SectionRef {
+                part: castor_parts::PartId::new(kind, instance),
+                version,
                 data: c.rest(),
-            }
+            })
         }
-        FrameType::DeviceState => {
-            let len = usize::from(c.u8("device state")?);
-            if len > limits.max_name_len {
-                return Err(WireError::StringTooLong {
-                    what: "device id",
-                    len,
-                    cap: limits.max_name_len,
-                });
-            }
-            let device_id = c.str(len, "device id")?;
-            BodyRef::DeviceState {
-                device_id,
-                data: c.rest(),
-            }
-        }
-        FrameType::HeldOutput => BodyRef::HeldOutput(HeldOutputRef::parse(payload, limits)?),
         FrameType::EpochEnd => {
             let page_count = c.u64("epoch end")?;
             let data_frames = c.u32("epoch end")?;
@@ -527,10 +443,12 @@ fn parse_body<'a>(
         FrameType::Heartbeat => {
             let sent_at_nanos = c.u64("heartbeat")?;
             let last_committed_epoch = c.u64("heartbeat")?;
+            let generation = if version >= 3 { c.u64("heartbeat")? } else { 0 };
             c.finish("trailing bytes after heartbeat")?;
             BodyRef::Heartbeat(Heartbeat {
                 sent_at_nanos,
                 last_committed_epoch,
+                generation,
             })
         }
         FrameType::Error => {

@@ -18,13 +18,15 @@ pub enum WireError {
         /// The bytes found.
         got: [u8; 4],
     },
-    /// The peer speaks another protocol version.
-    #[error("unsupported protocol version {got} (supported: {supported})")]
+    /// The peer speaks a protocol version this build does not.
+    #[error("the peer speaks protocol version {got}; this build speaks versions {min} to {max}: upgrade the older host (a pair upgrades one host at a time between adjacent versions)")]
     UnsupportedVersion {
         /// Version in the header.
         got: u16,
-        /// Version this build supports.
-        supported: u16,
+        /// Oldest version this build speaks.
+        min: u16,
+        /// Newest version this build speaks.
+        max: u16,
     },
     /// Unknown frame type number.
     #[error("unknown frame type {got}")]

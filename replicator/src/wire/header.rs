@@ -1,7 +1,7 @@
 //! The fixed 32-byte frame header: [`FrameType`], [`Header`] parsing and
 //! serialization.
 
-use super::{Limits, WireError, HEADER_LEN, MAGIC, PROTOCOL_VERSION};
+use super::{Limits, WireError, HEADER_LEN, MAGIC, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 /// Frame type numbers (header offset 6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -11,12 +11,8 @@ pub enum FrameType {
     Hello = 1,
     /// Encoded dirty pages.
     PageBatch = 2,
-    /// One vCPU's opaque state.
-    VcpuState = 3,
-    /// One device's opaque state.
-    DeviceState = 4,
-    /// Guest output held back until the epoch is acked.
-    HeldOutput = 5,
+    // 3, 4 and 5 (protocol 1's VcpuState, DeviceState, HeldOutput) are retired:
+    // all state travels in `Section` frames since protocol 2.
     /// End-of-epoch marker with counts and digests.
     EpochEnd = 6,
     /// Backup acknowledges a committed epoch.
@@ -25,6 +21,8 @@ pub enum FrameType {
     Heartbeat = 8,
     /// Fatal error report.
     Error = 9,
+    /// One part's state at the epoch's pause (`castor_parts`).
+    Section = 10,
 }
 
 impl FrameType {
@@ -33,33 +31,25 @@ impl FrameType {
         Some(match v {
             1 => FrameType::Hello,
             2 => FrameType::PageBatch,
-            3 => FrameType::VcpuState,
-            4 => FrameType::DeviceState,
-            5 => FrameType::HeldOutput,
             6 => FrameType::EpochEnd,
             7 => FrameType::Ack,
             8 => FrameType::Heartbeat,
             9 => FrameType::Error,
+            10 => FrameType::Section,
             _ => return None,
         })
     }
 
-    /// True for the frames counted by `EpochEnd` (pages, vCPU, device, output).
+    /// True for the frames counted by `EpochEnd` (pages and part sections).
     pub fn is_epoch_data(self) -> bool {
-        matches!(
-            self,
-            FrameType::PageBatch
-                | FrameType::VcpuState
-                | FrameType::DeviceState
-                | FrameType::HeldOutput
-        )
+        matches!(self, FrameType::PageBatch | FrameType::Section)
     }
 }
 
 /// A parsed and validated frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
-    /// Protocol version (always [`PROTOCOL_VERSION`] once parsed).
+    /// Protocol version (within [`MIN_PROTOCOL_VERSION`]..=[`PROTOCOL_VERSION`] once parsed).
     pub version: u16,
     /// Frame type.
     pub frame_type: FrameType,
@@ -97,10 +87,11 @@ impl Header {
             });
         }
         let version = le_u16(h, 4);
-        if version != PROTOCOL_VERSION {
+        if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version) {
             return Err(WireError::UnsupportedVersion {
                 got: version,
-                supported: PROTOCOL_VERSION,
+                min: MIN_PROTOCOL_VERSION,
+                max: PROTOCOL_VERSION,
             });
         }
         let ty = le_u16(h, 6);

@@ -12,7 +12,7 @@
 //! | Offset | Size | Field         | Notes                                               |
 //! |-------:|-----:|---------------|-----------------------------------------------------|
 //! | 0      | 4    | magic         | `b"CSTR"`                                           |
-//! | 4      | 2    | version       | protocol version, currently [`PROTOCOL_VERSION`] = 1 |
+//! | 4      | 2    | version       | protocol version, [`MIN_PROTOCOL_VERSION`]..=[`PROTOCOL_VERSION`] (2..=3), the one negotiated at `Hello` |
 //! | 6      | 2    | frame type    | see [`FrameType`]                                   |
 //! | 8      | 8    | epoch         | epoch the frame belongs to (`Ack`: the acked epoch)  |
 //! | 16     | 4    | payload_len   | bytes after the header; `<= Limits::max_payload`    |
@@ -35,20 +35,19 @@
 //!
 //! | Type | Name          | Payload layout                                                                                     |
 //! |-----:|---------------|----------------------------------------------------------------------------------------------------|
-//! | 1    | `Hello`       | `protocol_version u16, role u8 (1 primary, 2 backup), tracker_len u8, vcpus u32, epoch_interval_ms u32, region_count u32, session_id u64, resume_from_epoch u64, tracker [tracker_len], regions [region_count × (guest_addr u64, size u64)]` |
+//! | 1    | `Hello`       | `min_version u16, max_version u16, role u8 (1 primary, 2 backup), tracker_len u8, reserved u16 (0), epoch_interval_ms u32, session_id u64, resume_from_epoch u64, generation u64, manifest_len u32 (<= 64 KiB), tracker [tracker_len], manifest [manifest_len]` (same layout in every version from 2) |
 //! | 2    | `PageBatch`   | `count u32`, then `count ×` entry: `page_number u64, tag u8, len u16, data [len]` (tag/data: see `codec`) |
-//! | 3    | `VcpuState`   | `vcpu_index u32, data [rest]` (opaque serialized vCPU state)                                       |
-//! | 4    | `DeviceState` | `id_len u8, device_id [id_len], data [rest]` (opaque serialized device state)                     |
-//! | 5    | `HeldOutput`  | `count u32`, then `count ×` item: `seq u64, len u32, data [len]`                                    |
+//! | 3-5  | retired       | protocol 1's `VcpuState`, `DeviceState`, `HeldOutput`: unknown frame types since protocol 2      |
 //! | 6    | `EpochEnd`    | `page_count u64, data_frames u32, flags u32 (bit 0: memory digest present), content_digest u64, [memory_digest 32 bytes if bit 0]` |
 //! | 7    | `Ack`         | empty; the acked epoch is the header's epoch                                                       |
-//! | 8    | `Heartbeat`   | `sent_at_nanos u64, last_committed_epoch u64`                                                     |
+//! | 8    | `Heartbeat`   | `sent_at_nanos u64, last_committed_epoch u64`, and in version 3 `generation u64`                 |
 //! | 9    | `Error`       | `code u16, message_len u16, message [message_len]`                                                |
+//! | 10   | `Section`     | `part_kind u16, part_instance u32, section_version u16, data [rest]` (a part's state, `castor_parts`) |
 //!
 //! # Epoch completeness and the content digest
 //!
-//! The *data frames* of an epoch are its `PageBatch`, `VcpuState`,
-//! `DeviceState` and `HeldOutput` frames (all carry the epoch in the header).
+//! The *data frames* of an epoch are its `PageBatch` and `Section` frames
+//! (all carry the epoch in the header).
 //! They may travel on several streams, so they can arrive in any interleaving.
 //! `EpochEnd` (sent last, on the control stream, after all data-stream writes
 //! of the epoch have completed) carries the number of data frames, the number
@@ -71,7 +70,7 @@
 //!
 //! let frame = Frame {
 //!     epoch: 7,
-//!     body: Body::Heartbeat(Heartbeat { sent_at_nanos: 1, last_committed_epoch: 6 }),
+//!     body: Body::Heartbeat(Heartbeat { sent_at_nanos: 1, last_committed_epoch: 6, generation: 0 }),
 //! };
 //! let mut buf = Vec::new();
 //! frame.encode(&mut buf).unwrap();
@@ -79,17 +78,25 @@
 //! assert_eq!(used, buf.len());
 //! assert_eq!(decoded.to_owned(), frame);
 //!
-//! // A short buffer says how much more is needed (here: the last 8 bytes).
+//! // A short buffer says how much more is needed (here: the last 16 bytes).
 //! assert_eq!(
 //!     wire::decode(&buf[..40], &Limits::default()).unwrap_err(),
-//!     wire::WireError::Incomplete { needed: 8 },
+//!     wire::WireError::Incomplete { needed: 16 },
 //! );
 //! ```
 
 /// Frame magic, the first four bytes of every header.
 pub const MAGIC: [u8; 4] = *b"CSTR";
-/// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The newest protocol version this crate speaks (and writes by default).
+/// Version 3 adds the sender's fencing generation to `Heartbeat`.
+pub const PROTOCOL_VERSION: u16 = 3;
+/// The oldest protocol version this crate still speaks: the one before
+/// [`PROTOCOL_VERSION`], so a pair upgrades one host at a time. Version 1
+/// (the first release, string-named state frames, no negotiation) is refused.
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
+/// Every version this crate speaks, as announced in `Hello`.
+pub const PROTOCOL_VERSIONS: castor_parts::VersionRange =
+    castor_parts::VersionRange::new(MIN_PROTOCOL_VERSION, PROTOCOL_VERSION);
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 32;
 /// Guest page size.
@@ -108,15 +115,14 @@ mod tally;
 mod writer;
 
 pub use body::{
-    Body, DeviceState, EpochEnd, ErrorFrame, Frame, Heartbeat, HeldOutput, Hello, MemoryRegion,
-    OutputItem, PageBatch, PageEntry, Role, VcpuState,
+    Body, EpochEnd, ErrorFrame, Frame, Heartbeat, Hello, PageBatch, PageEntry, Role, Section,
 };
 pub use borrowed::{
-    decode, decode_owned, decode_payload, BodyRef, FrameIter, FrameRef, HeldOutputRef,
-    PageBatchRef, PageEntryRef, PageIter,
+    decode, decode_owned, decode_payload, BodyRef, FrameIter, FrameRef, PageBatchRef, PageEntryRef,
+    PageIter, SectionRef,
 };
 pub use error::{Limits, WireError};
 pub use header::{FrameType, Header};
 pub use reader::{read_frame, ReadFrameError};
 pub use tally::{frame_digest, EpochCheck, EpochTally};
-pub use writer::PageBatchWriter;
+pub use writer::{restamp, PageBatchWriter, SectionWriter};

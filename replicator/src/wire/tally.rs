@@ -34,11 +34,13 @@ pub enum EpochCheck {
 /// complete, whatever streams the frames used).
 ///
 /// ```
-/// use castor_replicator::wire::{Body, EpochCheck, EpochTally, Frame, VcpuState};
+/// use castor_parts::{PartId, PartKind};
+/// use castor_replicator::wire::{Body, EpochCheck, EpochTally, Frame, Section};
 ///
 /// let mut sent = EpochTally::new(5);
 /// let mut buf = Vec::new();
-/// let h = Frame::new(5, Body::VcpuState(VcpuState { vcpu_index: 0, data: vec![1] }))
+/// let part = PartId::new(PartKind::Vcpu, 0);
+/// let h = Frame::new(5, Body::Section(Section { part, version: 1, data: vec![1] }))
 ///     .encode(&mut buf).unwrap();
 /// sent.add(&h, 0);
 /// let end = sent.epoch_end(None);

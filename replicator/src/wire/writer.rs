@@ -2,6 +2,7 @@
 //! encoders, and [`PageBatchWriter`].
 
 use super::{FrameType, Header, WireError, HEADER_LEN, PAGE_ENTRY_OVERHEAD, PROTOCOL_VERSION};
+use castor_parts::PartId;
 
 /// Starts a frame in `buf`: reserves the header; returns the frame start.
 pub(super) fn begin_frame(buf: &mut Vec<u8>) -> usize {
@@ -17,6 +18,7 @@ pub(super) fn end_frame(
     start: usize,
     frame_type: FrameType,
     epoch: u64,
+    version: u16,
 ) -> Result<Header, WireError> {
     let payload_len = buf.len() - start - HEADER_LEN;
     let Ok(len32) = u32::try_from(payload_len) else {
@@ -27,7 +29,7 @@ pub(super) fn end_frame(
         });
     };
     let header = Header {
-        version: PROTOCOL_VERSION,
+        version,
         frame_type,
         epoch,
         payload_len: len32,
@@ -132,11 +134,74 @@ impl<'b> PageBatchWriter<'b> {
     pub fn finish(self) -> Result<Header, WireError> {
         let at = self.start + HEADER_LEN;
         self.buf[at..at + 4].copy_from_slice(&self.count.to_le_bytes());
-        end_frame(self.buf, self.start, FrameType::PageBatch, self.epoch)
+        end_frame(
+            self.buf,
+            self.start,
+            FrameType::PageBatch,
+            self.epoch,
+            PROTOCOL_VERSION,
+        )
     }
 
     /// Abandons the batch, removing it from the buffer.
     pub fn abort(self) {
         self.buf.truncate(self.start);
+    }
+}
+
+/// Builds a `Section` frame in place: the part's staged state encodes itself
+/// straight into the buffer it will be sent from.
+#[derive(Debug)]
+pub struct SectionWriter<'b> {
+    buf: &'b mut Vec<u8>,
+    start: usize,
+    epoch: u64,
+}
+
+impl<'b> SectionWriter<'b> {
+    /// Starts the section of `part`, format `version`, for `epoch`.
+    pub fn begin(buf: &'b mut Vec<u8>, epoch: u64, part: PartId, version: u16) -> Self {
+        let start = begin_frame(buf);
+        buf.extend_from_slice(&part.kind.as_u16().to_le_bytes());
+        buf.extend_from_slice(&part.instance.to_le_bytes());
+        buf.extend_from_slice(&version.to_le_bytes());
+        SectionWriter { buf, start, epoch }
+    }
+
+    /// The buffer to append the section's data to.
+    pub fn data(&mut self) -> &mut Vec<u8> {
+        self.buf
+    }
+
+    /// Completes the frame; returns its header.
+    pub fn finish(self) -> Result<Header, WireError> {
+        end_frame(
+            self.buf,
+            self.start,
+            FrameType::Section,
+            self.epoch,
+            PROTOCOL_VERSION,
+        )
+    }
+
+    /// Abandons the section, removing it from the buffer.
+    pub fn abort(self) {
+        self.buf.truncate(self.start);
+    }
+}
+
+/// Rewrites the protocol version of every frame in `buf` (whole frames, as
+/// encoded by this crate) to `version`, recomputing each header's CRC: frames
+/// are built in the newest version and re-stamped for a peer that negotiated
+/// an older one whose layout of these frames is the same. Frames whose layout
+/// differs by version (`Heartbeat`) are encoded with [`super::Frame::encode_at`].
+pub fn restamp(buf: &mut [u8], version: u16) {
+    let mut off = 0;
+    while off + HEADER_LEN <= buf.len() {
+        let len = u32::from_le_bytes([buf[off + 16], buf[off + 17], buf[off + 18], buf[off + 19]]);
+        buf[off + 4..off + 6].copy_from_slice(&version.to_le_bytes());
+        let crc = crc32fast::hash(&buf[off..off + 28]);
+        buf[off + 28..off + 32].copy_from_slice(&crc.to_le_bytes());
+        off += HEADER_LEN + len as usize;
     }
 }

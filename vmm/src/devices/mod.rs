@@ -46,6 +46,14 @@ pub enum DeviceError {
         #[source]
         source: std::io::Error,
     },
+    /// No device in that slot.
+    #[error("no device in slot {slot} (the bus has {devices})")]
+    NoSuchSlot {
+        /// The slot asked for.
+        slot: usize,
+        /// Devices on the bus.
+        devices: usize,
+    },
     /// The bus is full.
     #[error("no room for another device (at most {MAX_DEVICES})")]
     BusFull,
@@ -64,6 +72,9 @@ pub type DeviceState = VirtioMmioState;
 pub struct DeviceBus {
     mem: GuestMemoryMmap,
     slots: RwLock<Vec<Arc<Mutex<VirtioMmio>>>>,
+    /// Per slot, the interrupt a Linux guest's driver waits for (an irqfd);
+    /// none for the built-in guest, which polls.
+    irqs: RwLock<Vec<Option<Arc<vmm_sys_util::eventfd::EventFd>>>>,
 }
 
 impl DeviceBus {
@@ -72,6 +83,7 @@ impl DeviceBus {
         DeviceBus {
             mem,
             slots: RwLock::new(Vec::new()),
+            irqs: RwLock::new(Vec::new()),
         }
     }
 
@@ -107,6 +119,11 @@ impl DeviceBus {
             .map(|i| pv::DEVICES_BASE + i as u64 * WINDOW_SIZE)
     }
 
+    /// The virtio type of each device, in slot order.
+    pub fn device_types(&self) -> Vec<u32> {
+        self.slots().iter().map(|d| lock(d).device_type()).collect()
+    }
+
     /// Number of devices on the bus.
     pub fn len(&self) -> usize {
         self.slots().len()
@@ -139,11 +156,50 @@ impl DeviceBus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.slot(addr) {
             Some((dev, off)) => {
-                lock(&dev).write(&self.mem, off, data);
+                let mut d = lock(&dev);
+                let before = interrupt_status(&mut d, &self.mem);
+                d.write(&self.mem, off, data);
+                self.raise_on_new_interrupt(addr, before, &mut d);
                 true
             }
             None => false,
         }
+    }
+
+    /// What the device in `slot` is (for the Hello manifest).
+    pub fn identity(&self, slot: usize) -> Option<castor_parts::PartIdentity> {
+        self.slots().get(slot).map(|d| lock(d).identity())
+    }
+
+    fn with_slot<R>(
+        &self,
+        slot: usize,
+        f: impl FnOnce(&mut VirtioMmio) -> R,
+    ) -> Result<R, DeviceError> {
+        let slots = self.slots();
+        let dev = slots.get(slot).ok_or(DeviceError::NoSuchSlot {
+            slot,
+            devices: slots.len(),
+        })?;
+        let mut guard = lock(dev);
+        let r = f(&mut guard);
+        Ok(r)
+    }
+
+    /// Captures the state of the device in `slot`. Call with the vCPUs paused.
+    pub fn capture_slot(&self, slot: usize) -> Result<DeviceState, DeviceError> {
+        self.with_slot(slot, |d| d.capture())
+    }
+
+    /// Checks, applying nothing, that `state` can be restored into `slot`
+    /// (same device, valid queues: virtio-queue's `TryFrom<QueueState>`).
+    pub fn check_slot(&self, slot: usize, state: &DeviceState) -> Result<(), DeviceError> {
+        self.with_slot(slot, |d| d.check(state).map(|_| ()))?
+    }
+
+    /// Restores `state` into the device in `slot`. Call with the vCPUs paused.
+    pub fn restore_slot(&self, slot: usize, state: &DeviceState) -> Result<(), DeviceError> {
+        self.with_slot(slot, |d| d.restore(state))?
     }
 
     /// Captures every device's state, in slot order. Call with the vCPUs paused.
@@ -167,6 +223,79 @@ impl DeviceBus {
         }
         Ok(())
     }
+}
+
+impl DeviceBus {
+    /// Raises `evt` whenever the device in `slot` sets its InterruptStatus
+    /// (used buffers), as a Linux guest's virtio-mmio driver expects.
+    pub fn set_interrupt(&self, slot: usize, evt: Arc<vmm_sys_util::eventfd::EventFd>) {
+        let mut irqs = self.irqs.write().unwrap_or_else(|e| e.into_inner());
+        if irqs.len() <= slot {
+            irqs.resize(slot + 1, None);
+        }
+        irqs[slot] = Some(evt);
+    }
+
+    fn raise_on_new_interrupt(&self, addr: u64, before: u32, dev: &mut VirtioMmio) {
+        let Some(slot) = addr
+            .checked_sub(pv::DEVICES_BASE)
+            .and_then(|o| usize::try_from(o / WINDOW_SIZE).ok())
+        else {
+            return;
+        };
+        let evt = match self
+            .irqs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(slot)
+        {
+            Some(Some(evt)) => evt.clone(),
+            _ => return,
+        };
+        if before == 0 && interrupt_status(dev, &self.mem) != 0 {
+            if let Err(e) = evt.write(1) {
+                log::warn!("virtio-mmio slot {slot}: raising the interrupt: {e}");
+            }
+        }
+    }
+
+    /// Processes every device that has an interrupt as a queue notification
+    /// would, so input (frames on a tap) reaches an interrupt-driven guest
+    /// without waiting for a kick, and raises the interrupts of those that
+    /// completed work. Call only while the vCPUs run: a paused VM's devices
+    /// must stay quiescent.
+    pub fn poll(&self) {
+        let irqs = self.irqs.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let slots = self.slots();
+        for (i, dev) in slots.iter().enumerate() {
+            if !matches!(irqs.get(i), Some(Some(_))) {
+                continue;
+            }
+            let mut d = lock(dev);
+            if d.status() & virtio::status::DRIVER_OK == 0 {
+                continue;
+            }
+            let before = interrupt_status(&mut d, &self.mem);
+            d.write(
+                &self.mem,
+                virtio::mmio::reg::QUEUE_NOTIFY,
+                &0u32.to_le_bytes(),
+            );
+            if before == 0 && interrupt_status(&mut d, &self.mem) != 0 {
+                if let Some(Some(evt)) = irqs.get(i) {
+                    if let Err(e) = evt.write(1) {
+                        log::warn!("virtio-mmio slot {i}: raising the interrupt: {e}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn interrupt_status(dev: &mut VirtioMmio, mem: &GuestMemoryMmap) -> u32 {
+    let mut b = [0u8; 4];
+    dev.read(mem, virtio::mmio::reg::INTERRUPT_STATUS, &mut b);
+    u32::from_le_bytes(b)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -298,7 +298,18 @@ impl VirtioDevice for VirtioBlk {
         }
     }
 
+    fn identity(&self) -> castor_parts::PartIdentity {
+        castor_parts::PartIdentity::VirtioBlk {
+            capacity_bytes: self.capacity_sectors * SECTOR_SIZE,
+            read_only: self.read_only,
+        }
+    }
+
     fn restore(&mut self, s: &BackendState) -> Result<(), DeviceError> {
+        self.check(s)
+    }
+
+    fn check(&self, s: &BackendState) -> Result<(), DeviceError> {
         match s {
             BackendState::Blk { capacity_sectors }
                 if *capacity_sectors == self.capacity_sectors =>

@@ -363,8 +363,30 @@ impl VirtioMmio {
         }
     }
 
+    /// What device this is (for the Hello manifest).
+    pub fn identity(&self) -> castor_parts::PartIdentity {
+        self.device.identity()
+    }
+
     /// The mirror of [`VirtioMmio::capture`].
     pub fn restore(&mut self, s: &VirtioMmioState) -> Result<(), DeviceError> {
+        let queues = self.check(s)?;
+        self.device.restore(&s.backend)?;
+        self.queues = queues;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.acked_features = s.acked_features;
+        self.queue_sel = s.queue_sel;
+        self.status = s.status;
+        self.config_generation = s.config_generation;
+        self.interrupt_status = s.interrupt_status;
+        Ok(())
+    }
+
+    /// Validates a captured state against this device, applying nothing:
+    /// returns the queues it would become (virtio-queue's `TryFrom<QueueState>`
+    /// checks each ready queue).
+    pub fn check(&self, s: &VirtioMmioState) -> Result<Vec<Queue>, DeviceError> {
         if s.device_type != self.device.device_type() {
             return Err(DeviceError::StateMismatch(format!(
                 "device type {} in the state, {} here",
@@ -408,15 +430,7 @@ impl VirtioMmio {
             };
             queues.push(queue);
         }
-        self.device.restore(&s.backend)?;
-        self.queues = queues;
-        self.device_features_sel = s.device_features_sel;
-        self.driver_features_sel = s.driver_features_sel;
-        self.acked_features = s.acked_features;
-        self.queue_sel = s.queue_sel;
-        self.status = s.status;
-        self.config_generation = s.config_generation;
-        self.interrupt_status = s.interrupt_status;
-        Ok(())
+        self.device.check(&s.backend)?;
+        Ok(queues)
     }
 }

@@ -61,6 +61,10 @@ pub trait VirtioDevice: Send {
     fn process(&mut self, idx: usize, queues: &mut [Queue], mem: &GuestMemoryMmap) -> Processed;
     /// The device-specific state, for capture.
     fn capture(&self) -> BackendState;
+    /// What device this is (for the Hello manifest).
+    fn identity(&self) -> castor_parts::PartIdentity;
+    /// Checks a captured device-specific state against this device, taking nothing.
+    fn check(&self, s: &BackendState) -> Result<(), DeviceError>;
     /// Checks a captured device-specific state against this device and takes it.
     fn restore(&mut self, s: &BackendState) -> Result<(), DeviceError>;
 }

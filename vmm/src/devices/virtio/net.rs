@@ -361,7 +361,15 @@ impl VirtioDevice for VirtioNet {
         BackendState::Net { mac: self.mac }
     }
 
+    fn identity(&self) -> castor_parts::PartIdentity {
+        castor_parts::PartIdentity::VirtioNet { mac: self.mac }
+    }
+
     fn restore(&mut self, s: &BackendState) -> Result<(), DeviceError> {
+        self.check(s)
+    }
+
+    fn check(&self, s: &BackendState) -> Result<(), DeviceError> {
         match s {
             BackendState::Net { mac } if *mac == self.mac => Ok(()),
             BackendState::Net { mac } => Err(DeviceError::StateMismatch(format!(
