@@ -62,16 +62,19 @@
 //! with the bytes it already held is reported too, and KVM logs a page when it
 //! maps it writable, which is not always a write. The tests
 //! (`tests/tests/dirty_tracking.rs`: 1,000 epochs per backend with 1 and 2
-//! vCPUs, plus 150 ring-full epochs; every page compared with a host-side
-//! copy) never saw a changed page missing, and saw these unchanged pages
-//! harvested:
+//! vCPUs, plus 150 epochs per vCPU count on the smallest ring KVM accepts,
+//! each epoch crossing ring-full exits; every page compared with a host-side
+//! copy) assert that no changed page is ever missing, and print the unchanged
+//! pages harvested, which were:
 //!
 //! * unchanged workload pages close to pages written in this or the previous
-//!   epoch, about 0.08% of the changed pages (~700 per 900,000): on this
-//!   host's PVM, the shadow MMU logs pages it maps writable around a faulting
-//!   write (most lie in the same aligned 8-page block as a written page) and
-//!   occasionally reports a page written in the previous epoch again. The
-//!   tests bound them at 1% of the changed pages;
+//!   epoch: on PVM, the shadow MMU logs pages it maps writable around a
+//!   faulting write (most lie in the same aligned 8-page block as a written
+//!   page) and occasionally reports a page written in the previous epoch
+//!   again. How many is a figure of the host, not a property of this crate:
+//!   about 0.08% of the changed pages on one host (~700 per 900,000), 0.13 to
+//!   0.26% on another; `castor-bench harvest` reports them (its `extra_pages` column).
+//!   No test bounds them: they cost bandwidth, never correctness;
 //! * a vCPU's stack pages (`0x200000 + id * 0x20000 + 0x1000 ..` up to the
 //!   next area), rarely: the guest stored the same values again;
 //! * allowed but not observed: a vCPU's control page (`0x200000 + id *
