@@ -158,6 +158,15 @@ impl ExitHandler for GuestPorts {
                 ExitAction::Continue
             }
             a if a >= pv::DEVICES_BASE && self.devices.read(a, data) => ExitAction::Continue,
+            _ if self.platform.is_active() => {
+                // Like a PC where nothing decodes: all ones (a Linux guest probes).
+                data.fill(0xff);
+                log::debug!(
+                    "linux platform: {}-byte MMIO read at {addr:#x}, no device",
+                    data.len()
+                );
+                ExitAction::Continue
+            }
             _ => {
                 data.fill(0xff);
                 ExitAction::Stop(StopReason::UnexpectedExit(format!(
@@ -188,6 +197,13 @@ impl ExitHandler for GuestPorts {
                 })
             }
             a if a >= pv::DEVICES_BASE && self.devices.write(a, data) => ExitAction::Continue,
+            _ if self.platform.is_active() => {
+                log::debug!(
+                    "linux platform: {}-byte MMIO write at {addr:#x}, no device",
+                    data.len()
+                );
+                ExitAction::Continue
+            }
             _ => ExitAction::StopNow(StopReason::UnexpectedExit(format!(
                 "{}-byte MMIO write at {addr:#x}, where no device is",
                 data.len()
