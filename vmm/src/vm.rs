@@ -984,8 +984,9 @@ fn restorable_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>> {
         .get_msr_index_list()
         .map_err(Error::kvm("KVM_GET_MSR_INDEX_LIST"))?;
     let mut out = Vec::new();
-    for &index in list.as_slice() {
-        if UNRESTORABLE_MSRS.contains(&index) {
+    let extra = linux::boot::STATE_MSRS_BEYOND_INDEX_LIST.iter();
+    for &index in list.as_slice().iter().chain(extra) {
+        if UNRESTORABLE_MSRS.contains(&index) || out.contains(&index) {
             continue;
         }
         let entry = [kvm_msr_entry {

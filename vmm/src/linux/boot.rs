@@ -473,6 +473,23 @@ const MISC_ENABLE_FAST_STRING: u64 = 1;
 /// MTRRs enabled, default type write-back.
 const MTRR_ENABLE_WB: u64 = (1 << 11) | 6;
 
+/// MSRs a ring-0 guest programs that `KVM_GET_MSR_INDEX_LIST` does not list
+/// (QEMU saves them separately too): the MTRRs (default type, the fixed
+/// ranges, 8 variable pairs) and PAT. A kernel reads them back, so a state
+/// without them boots differently after a restore (a restored 6.1 kernel
+/// printed "MTRRs disabled" where the original set up PAT). The VM's MSR list
+/// takes each one this KVM can read and set back.
+pub const STATE_MSRS_BEYOND_INDEX_LIST: &[u32] = &[
+    0x2ff, // IA32_MTRR_DEF_TYPE
+    0x250, // IA32_MTRR_FIX64K_00000
+    0x258, // IA32_MTRR_FIX16K_80000
+    0x259, // IA32_MTRR_FIX16K_A0000
+    0x268, 0x269, 0x26a, 0x26b, 0x26c, 0x26d, 0x26e, 0x26f, // IA32_MTRR_FIX4K_*
+    0x200, 0x201, 0x202, 0x203, 0x204, 0x205, 0x206, 0x207, // IA32_MTRR_PHYSBASE/MASK 0-3
+    0x208, 0x209, 0x20a, 0x20b, 0x20c, 0x20d, 0x20e, 0x20f, // IA32_MTRR_PHYSBASE/MASK 4-7
+    0x277, // IA32_PAT
+];
+
 /// The MSRs a firmware would leave set; those this KVM refuses are skipped.
 fn boot_msrs(vcpu: &VcpuFd) {
     let wanted = [
