@@ -791,6 +791,24 @@ impl<T: AsRef<[u8]>> OutputBuffer<T> {
         Ok(out)
     }
 
+    /// Copies of every held item of sealed epochs `<= epoch`, in sequence
+    /// order, *without* releasing them: write these to the outside world,
+    /// then [`release_through`](Self::release_through). Until then they stay
+    /// held, so every checkpoint staged meanwhile still carries them and a
+    /// backup that takes over re-emits them: output leaves the checkpoint
+    /// only after it was written out.
+    pub fn peek_through(&self, epoch: Epoch) -> Vec<Item<T>>
+    where
+        T: Clone,
+    {
+        let g = self.lock();
+        g.sealed
+            .iter()
+            .take_while(|b| b.epoch <= epoch)
+            .flat_map(|b| b.items.iter().cloned())
+            .collect()
+    }
+
     /// "Backup lost, continue unprotected": release everything held, sealed
     /// epochs *and* the open epoch's items, in sequence order. The mode is
     /// unchanged (see [`set_unprotected`](Self::set_unprotected)). Later acks

@@ -7,7 +7,7 @@
 
 use castor_net_buffer::OutputBuffer;
 use castor_node::BufferedSink;
-use castor_replicator::backup::{Backup, BackupConfig, SessionEnd, REFUSED_VERSION};
+use castor_replicator::backup::{Backup, BackupConfig, SessionEnd};
 use castor_replicator::primary::{Primary, PrimaryConfig, PrimaryError, Release};
 use castor_replicator::transport::{self, Identity, TransportConfig};
 use castor_replicator::wire::{self, Body, Frame, Hello, Role};
@@ -255,7 +255,7 @@ fn peer_two_versions_away_is_refused_naming_both_versions() {
         let Body::Error(e) = frame.body else {
             panic!("expected an Error frame, got {:?}", frame.body);
         };
-        assert_eq!(e.code, REFUSED_VERSION);
+        assert_eq!(e.code, wire::ErrorCode::Version.as_u16());
         assert!(
             e.message.contains(&format!("version {min}"))
                 || e.message.contains(&format!("{min} to {max}")),

@@ -77,14 +77,18 @@ pub const ALPN: &[u8] = b"castor/1";
 /// TLS server name used when connecting (ignored by the pinned verifier).
 pub const SERVER_NAME: &str = "castor-peer";
 
-/// Application close code: normal shutdown.
-pub const CLOSE_OK: u32 = 0;
-/// Application close code: the peer sent a frame that does not decode.
-pub const CLOSE_PROTOCOL_ERROR: u32 = 1;
+/// Application close code: normal shutdown ([`crate::wire::ErrorCode::Done`]).
+pub const CLOSE_OK: u32 = crate::wire::ErrorCode::Done as u32;
+/// Application close code: the peer sent a frame that does not decode
+/// ([`crate::wire::ErrorCode::BadData`]).
+pub const CLOSE_PROTOCOL_ERROR: u32 = crate::wire::ErrorCode::BadData as u32;
 
 /// Transport errors.
 #[derive(Debug, Error)]
 pub enum TransportError {
+    /// A peer did not complete its handshake in time.
+    #[error("handshake not completed within {0:?}")]
+    HandshakeTimeout(std::time::Duration),
     /// Key or certificate generation failed.
     #[error("key generation failed: {0}")]
     Keygen(#[from] rcgen::Error),
@@ -163,6 +167,16 @@ impl TransportError {
             TransportError::Wire(e) => Some(e),
             _ => None,
         }
+    }
+
+    /// Whether the peer broke the protocol (a frame that does not decode, a
+    /// stream it finished in the middle of a frame) rather than going away:
+    /// a live peer that does this gets a resync, never a takeover.
+    pub fn is_protocol_error(&self) -> bool {
+        matches!(
+            self,
+            TransportError::Wire(_) | TransportError::Truncated { .. }
+        )
     }
 }
 

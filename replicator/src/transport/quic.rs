@@ -192,6 +192,52 @@ impl Listener {
         })
     }
 
+    /// Accepts connections in the background and completes each handshake
+    /// concurrently, each within `handshake_timeout`: a peer that opens a
+    /// handshake and stops delays no one else. Established (mutually
+    /// authenticated) connections and handshake failures arrive on the
+    /// returned channel, in completion order. Must be called within a tokio
+    /// runtime; the task ends when the receiver is dropped or the endpoint
+    /// closes.
+    pub fn incoming(
+        &self,
+        handshake_timeout: std::time::Duration,
+    ) -> tokio::sync::mpsc::Receiver<Result<Connection, TransportError>> {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let endpoint = self.endpoint.clone();
+        let limits = self.limits.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                if tx.is_closed() {
+                    return;
+                }
+                let (tx, limits) = (tx.clone(), limits.clone());
+                tokio::spawn(async move {
+                    let r = match tokio::time::timeout(handshake_timeout, incoming).await {
+                        Err(_) => Err(TransportError::HandshakeTimeout(handshake_timeout)),
+                        Ok(Err(e)) => Err(e.into()),
+                        Ok(Ok(conn)) => {
+                            log::info!(
+                                "accepted replication connection from {}",
+                                conn.remote_address()
+                            );
+                            Ok(Connection {
+                                version: std::sync::atomic::AtomicU16::new(
+                                    crate::wire::PROTOCOL_VERSION,
+                                ),
+                                conn,
+                                _endpoint: None,
+                                limits,
+                            })
+                        }
+                    };
+                    let _ = tx.send(r).await;
+                });
+            }
+        });
+        rx
+    }
+
     /// Stops listening and closes all connections.
     pub fn close(&self) {
         self.endpoint.close(VarInt::from_u32(CLOSE_OK), b"shutdown");

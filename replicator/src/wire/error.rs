@@ -150,3 +150,63 @@ impl Limits {
         }
     }
 }
+
+/// Why a peer ends a session: the code of an `Error` frame and, the same
+/// number, the QUIC application close code that follows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// Normal end of a session.
+    Done = 0,
+    /// A frame did not decode or an epoch failed verification: the replica
+    /// is kept, the primary reconnects and resyncs incrementally.
+    BadData = 1,
+    /// The backup judged the primary lost.
+    PeerLost = 2,
+    /// An internal error ended the session.
+    Internal = 3,
+    /// No protocol version in common.
+    Version = 10,
+    /// The manifest does not fit the backup's configuration.
+    Manifest = 11,
+    /// The session's first checkpoint could not be restored.
+    NotRestorable = 12,
+    /// The replica's memory diverged from the primary's: full resync.
+    Diverged = 13,
+}
+
+impl ErrorCode {
+    /// The code for a wire value (unknown values are `None`).
+    pub fn from_u16(v: u16) -> Option<ErrorCode> {
+        Some(match v {
+            0 => ErrorCode::Done,
+            1 => ErrorCode::BadData,
+            2 => ErrorCode::PeerLost,
+            3 => ErrorCode::Internal,
+            10 => ErrorCode::Version,
+            11 => ErrorCode::Manifest,
+            12 => ErrorCode::NotRestorable,
+            13 => ErrorCode::Diverged,
+            _ => return None,
+        })
+    }
+
+    /// The wire value (Error frames).
+    pub fn as_u16(self) -> u16 {
+        self as u16
+    }
+
+    /// The QUIC application close code (the same number).
+    pub fn close_code(self) -> u32 {
+        u32::from(self.as_u16())
+    }
+
+    /// Whether a primary refused with this code should not simply retry: the
+    /// backup's configuration or version must change first.
+    pub fn is_refusal(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::Version | ErrorCode::Manifest | ErrorCode::NotRestorable
+        )
+    }
+}

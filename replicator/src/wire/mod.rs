@@ -121,7 +121,7 @@ pub use borrowed::{
     decode, decode_owned, decode_payload, BodyRef, FrameIter, FrameRef, PageBatchRef, PageEntryRef,
     PageIter, SectionRef,
 };
-pub use error::{Limits, WireError};
+pub use error::{ErrorCode, Limits, WireError};
 pub use header::{FrameType, Header};
 pub use reader::{read_frame, ReadFrameError};
 pub use tally::{frame_digest, EpochCheck, EpochTally};

@@ -1,0 +1,71 @@
+//! Test-only fault injection inside the encrypted channel (feature
+//! `fault-injection`): a network proxy cannot alter frames under QUIC's AEAD,
+//! so faults are applied to an epoch's encoded frames before they are sent.
+
+use crate::wire;
+
+/// A fault to inject into one epoch's data frames, inside the encrypted
+/// channel (a network proxy cannot alter frames under QUIC's AEAD), to test
+/// that the backup rejects them and the pair recovers. Testing only: built
+/// with the `fault-injection` feature.
+#[cfg(feature = "fault-injection")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Flip a byte in the first data frame's payload (CRC mismatch).
+    Corrupt,
+    /// Send only the first half of the first data frame.
+    Truncate,
+    /// Send the first data frame twice (tally mismatch).
+    Duplicate,
+    /// Swap the first two data frames (tolerated: the tally is order-free).
+    Reorder,
+}
+
+/// Applies a [`Fault`] to a buffer of whole frames.
+pub(super) fn inject(fault: Fault, data: Vec<u8>) -> Vec<u8> {
+    let limits = wire::Limits {
+        max_payload: u32::MAX,
+        ..Default::default()
+    };
+    let mut bounds = Vec::new();
+    let mut off = 0;
+    while off < data.len() {
+        match wire::Header::parse(&data[off..], &limits) {
+            Ok(h) => {
+                bounds.push((off, off + h.frame_len()));
+                off += h.frame_len();
+            }
+            Err(_) => break,
+        }
+    }
+    let Some(&(a0, a1)) = bounds.first() else {
+        return data;
+    };
+    match fault {
+        Fault::Corrupt => {
+            let mut d = data;
+            let i = (a0 + wire::HEADER_LEN + 4).min(a1 - 1);
+            d[i] ^= 0xa5;
+            d
+        }
+        Fault::Truncate => {
+            let mut d = data[..a0 + (a1 - a0) / 2].to_vec();
+            d.extend_from_slice(&data[a1..]);
+            d
+        }
+        Fault::Duplicate => {
+            let mut d = data[a0..a1].to_vec();
+            d.extend_from_slice(&data);
+            d
+        }
+        Fault::Reorder => match bounds.get(1) {
+            Some(&(b0, b1)) => {
+                let mut d = data[b0..b1].to_vec();
+                d.extend_from_slice(&data[a0..a1]);
+                d.extend_from_slice(&data[b1..]);
+                d
+            }
+            None => data,
+        },
+    }
+}

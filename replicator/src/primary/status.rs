@@ -1,0 +1,47 @@
+//! Live figures of the pipeline, for status displays (metrics go to `metrics`).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// One epoch's figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EpochSample {
+    /// The epoch.
+    pub epoch: u64,
+    /// Time the guest was paused for it.
+    pub pause: Duration,
+    /// Dirty pages staged.
+    pub dirty_pages: u64,
+    /// Bytes of frames sent for it.
+    pub wire_bytes: u64,
+    /// Pause to Ack; `None` until acknowledged.
+    pub ack_latency: Option<Duration>,
+}
+
+/// Most epoch samples kept.
+pub const HISTORY: usize = 1 << 16;
+
+/// Live figures of the pipeline (for status displays; metrics go to `metrics`).
+#[derive(Debug, Default)]
+pub struct PrimaryStatus {
+    /// The last [`HISTORY`] epochs' figures, oldest first.
+    pub history: Mutex<VecDeque<EpochSample>>,
+    /// Last epoch staged.
+    pub epoch: AtomicU64,
+    /// Last epoch acknowledged.
+    pub acked: AtomicU64,
+    /// Last pause, in microseconds.
+    pub last_pause_us: AtomicU64,
+    /// Last ack latency (pause to ack), in microseconds.
+    pub last_ack_us: AtomicU64,
+    /// Dirty pages of the last epoch.
+    pub last_dirty_pages: AtomicU64,
+    /// Bytes sent on the wire so far.
+    pub wire_bytes: AtomicU64,
+    /// Dirty bytes (pages x 4 KiB) staged so far.
+    pub dirty_bytes: AtomicU64,
+    /// Whether the initial synchronisation is done (the guest is protected).
+    pub protected: AtomicBool,
+}
