@@ -108,12 +108,13 @@ pub enum CodecError {
         got: usize,
     },
     /// The compressed data is invalid (or decompresses to more than a page).
-    #[error("{tag:?} page data does not decompress: {reason}")]
+    #[error("{tag:?} page data does not decompress: {source}")]
     Decompress {
         /// The encoding.
         tag: PageTag,
-        /// The decompressor's message.
-        reason: String,
+        /// What the decompressor found.
+        #[source]
+        source: Lz4Fault,
     },
     /// The compressed data decompresses to fewer than 4096 bytes.
     #[error("{tag:?} page data decompresses to {got} bytes instead of 4096")]
@@ -490,10 +491,48 @@ impl PageEncoder {
 // Decoder
 // ---------------------------------------------------------------------------
 
+/// What made untrusted LZ4 data fail to decompress (lz4_flex's error,
+/// as a comparable value).
+#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
+pub enum Lz4Fault {
+    /// It decompresses to more than a page.
+    #[error("output would exceed a page ({expected} bytes needed)")]
+    TooLong {
+        /// Bytes it needed.
+        expected: usize,
+    },
+    /// A literal runs past the input.
+    #[error("literal out of bounds")]
+    LiteralOutOfBounds,
+    /// The input ends inside a sequence.
+    #[error("input ends inside a sequence")]
+    Truncated,
+    /// A match refers to offset 0 or before the start of the output.
+    #[error("match offset out of bounds")]
+    BadOffset,
+    /// Any other malformation lz4_flex reports.
+    #[error("malformed LZ4 data")]
+    Malformed,
+}
+
+impl From<lz4_flex::block::DecompressError> for Lz4Fault {
+    fn from(e: lz4_flex::block::DecompressError) -> Self {
+        use lz4_flex::block::DecompressError as D;
+        match e {
+            D::OutputTooSmall { expected, .. } => Lz4Fault::TooLong { expected },
+            D::LiteralOutOfBounds => Lz4Fault::LiteralOutOfBounds,
+            D::ExpectedAnotherByte => Lz4Fault::Truncated,
+            D::OffsetZero | D::OffsetOutOfBounds => Lz4Fault::BadOffset,
+            #[allow(unreachable_patterns)]
+            _ => Lz4Fault::Malformed,
+        }
+    }
+}
+
 fn lz4_page(tag: PageTag, data: &[u8], out: &mut Page) -> Result<(), CodecError> {
     let n = lz4_flex::block::decompress_into(data, out).map_err(|e| CodecError::Decompress {
         tag,
-        reason: e.to_string(),
+        source: Lz4Fault::from(e),
     })?;
     if n != PAGE_SIZE {
         return Err(CodecError::WrongDecompressedLength { tag, got: n });

@@ -72,9 +72,9 @@ fn read_file(path: &Path, what: &'static str) -> Result<Vec<u8>, TransportError>
 }
 
 fn parse_cert(pem: &[u8]) -> Result<CertificateDer<'static>, TransportError> {
-    CertificateDer::from_pem_slice(pem).map_err(|e| TransportError::Pem {
+    CertificateDer::from_pem_slice(pem).map_err(|source| TransportError::Pem {
         what: "certificate",
-        reason: e.to_string(),
+        source,
     })
 }
 
@@ -105,9 +105,9 @@ impl Identity {
     /// Parses PEM certificate and private key.
     pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Self, TransportError> {
         let cert = parse_cert(cert_pem)?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TransportError::Pem {
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|source| TransportError::Pem {
             what: "private key",
-            reason: e.to_string(),
+            source,
         })?;
         Ok(Identity { cert, key })
     }

@@ -104,19 +104,23 @@ pub enum TransportError {
         source: io::Error,
     },
     /// PEM data could not be parsed.
-    #[error("invalid PEM {what}: {reason}")]
+    #[error("invalid PEM {what}: {source}")]
     Pem {
         /// What was being parsed.
         what: &'static str,
         /// Why it failed.
-        reason: String,
+        #[source]
+        source: rustls::pki_types::pem::Error,
     },
     /// TLS configuration failed.
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
     /// QUIC configuration failed.
-    #[error("QUIC configuration: {0}")]
-    Config(String),
+    #[error("QUIC configuration: no TLS 1.3 initial cipher suite: {0}")]
+    CipherSuite(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+    /// The idle timeout does not fit QUIC's variable-length integer.
+    #[error("QUIC configuration: idle timeout {0:?} is out of range")]
+    IdleTimeout(std::time::Duration),
     /// Socket setup failed.
     #[error("socket setup on {addr}: {source}")]
     Socket {

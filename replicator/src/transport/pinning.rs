@@ -182,7 +182,7 @@ pub(super) fn server_crypto(
         .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    QuicServerConfig::try_from(tls).map_err(|e| TransportError::Config(e.to_string()))
+    Ok(QuicServerConfig::try_from(tls)?)
 }
 
 pub(super) fn client_crypto(
@@ -197,5 +197,5 @@ pub(super) fn client_crypto(
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_auth_cert(vec![identity.cert.clone()], identity.key.clone_key())?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    QuicClientConfig::try_from(tls).map_err(|e| TransportError::Config(e.to_string()))
+    Ok(QuicClientConfig::try_from(tls)?)
 }

@@ -85,7 +85,7 @@ impl TransportConfig {
             .keep_alive_interval(self.keep_alive)
             .max_idle_timeout(Some(
                 IdleTimeout::try_from(self.idle_timeout)
-                    .map_err(|e| TransportError::Config(format!("idle timeout: {e}")))?,
+                    .map_err(|_| TransportError::IdleTimeout(self.idle_timeout))?,
             ))
             .enable_segmentation_offload(true);
         let mut cubic = quinn::congestion::CubicConfig::default();
