@@ -104,6 +104,15 @@ pub struct RunArgs {
     /// else the ring: the bitmap measured faster for typical epochs). With tracking on, the pages dirtied each second are reported.
     #[arg(long, default_value = "none")]
     pub dirty_tracking: String,
+    /// A Linux guest instead of the built-in one (boxed: it keeps the CLI's
+    /// command enum small).
+    #[command(flatten)]
+    pub linux: Box<LinuxArgs>,
+}
+
+/// `castor run`'s Linux guest options.
+#[derive(clap::Args, Debug)]
+pub struct LinuxArgs {
     /// Boot this Linux kernel instead of the built-in guest: an ELF vmlinux
     /// (PVH entry when it has one) or a bzImage. Its serial console (COM1)
     /// is shown here; --guest and the workload options are then ignored.
@@ -316,8 +325,9 @@ fn run_linux(a: &RunArgs, kernel: &std::path::Path) -> Result<(), RunError> {
     }
     let boot = LinuxBoot {
         kernel: kernel.to_path_buf(),
-        initrd: a.initrd.clone(),
+        initrd: a.linux.initrd.clone(),
         cmdline: a
+            .linux
             .cmdline
             .clone()
             .unwrap_or_else(|| LinuxBoot::DEFAULT_CMDLINE.to_string()),
@@ -398,7 +408,7 @@ fn print_linux_summary(console: &castor_vmm::Console, ran: Duration, banner: Opt
 }
 
 pub fn run(a: &RunArgs) -> Result<(), RunError> {
-    if let Some(kernel) = &a.kernel {
+    if let Some(kernel) = &a.linux.kernel {
         return run_linux(a, kernel);
     }
     let (config, boot) = plan(a)?;

@@ -490,7 +490,7 @@ impl Vm {
                         .extend(linux::cpuid::kept(&actual, linux::cpuid::PVM_HIDDEN));
                 }
                 if !report.cpuid_kept.is_empty() {
-                    log::info!(
+                    log::debug!(
                         "linux boot: KVM keeps CPUID features Castor hid: {}",
                         report.cpuid_kept.join(" ")
                     );

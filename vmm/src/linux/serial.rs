@@ -129,7 +129,8 @@ impl Console {
         self.inner.buf.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Also copy the output to this process's standard output, byte by byte.
+    /// Also copy the output to this process's standard output, byte by byte
+    /// (the log then gets the lines at debug level instead of info).
     pub fn set_echo(&self, on: bool) {
         self.inner.echo.store(on, Ordering::Relaxed);
     }
@@ -232,7 +233,12 @@ impl Console {
     fn finish_line(&self, b: &mut ConsoleBuf) {
         let line = String::from_utf8_lossy(&b.partial).into_owned();
         b.partial.clear();
-        log::info!(target: "castor::guest_console", "{line}");
+        // On the log; at debug level when the terminal already shows it.
+        if self.inner.echo.load(Ordering::Relaxed) {
+            log::debug!(target: "castor::guest_console", "{line}");
+        } else {
+            log::info!(target: "castor::guest_console", "{line}");
+        }
         b.lines.push_back(line);
         if b.lines.len() > KEPT_LINES {
             b.lines.pop_front();
