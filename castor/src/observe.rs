@@ -118,6 +118,41 @@ struct Shared {
     malformed: u64,
 }
 
+/// Receive buffer the observer asks for.
+const OBSERVER_RCVBUF: libc::c_int = 32 << 20;
+
+/// The observer must not lose a datagram that Castor released: on a loaded
+/// host its thread runs late while a takeover or a switch to unprotected
+/// output releases a burst, and the default receive buffer (~200 KiB, a few
+/// hundred small datagrams) overflows; the check then reports a GAP that is
+/// the observer's own (seen under a CPU hog: 49 records "missing", exactly
+/// the kernel's UDP RcvbufErrors count). Asks for [`OBSERVER_RCVBUF`]:
+/// `SO_RCVBUFFORCE` where allowed (root), else `SO_RCVBUF` (capped by
+/// `net.core.rmem_max`, which `.ci/run` raises).
+fn grow_receive_buffer(socket: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt on an open socket, given a pointer to a c_int
+        // that lives across the call and its exact size.
+        let r = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&OBSERVER_RCVBUF as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            return;
+        }
+    }
+    log::warn!(
+        "observer: cannot enlarge the UDP receive buffer ({}); a loaded host may drop datagrams",
+        std::io::Error::last_os_error()
+    );
+}
+
 /// A running observer: a thread receiving datagrams on a UDP socket.
 pub struct Observer {
     addr: SocketAddr,
@@ -130,6 +165,7 @@ impl Observer {
     /// Listens on `addr` (port 0: any free port, see [`Observer::addr`]).
     pub fn bind(addr: SocketAddr) -> Result<Observer, ObserveError> {
         let socket = UdpSocket::bind(addr).map_err(|source| ObserveError::Bind { addr, source })?;
+        grow_receive_buffer(&socket);
         let addr = socket.local_addr()?;
         socket.set_read_timeout(Some(Duration::from_millis(20)))?;
         let shared = Arc::new(Mutex::new(Shared::default()));
