@@ -464,24 +464,39 @@ fn net_tx_goes_through_the_sink_and_rx_marks_buffers_dirty() {
     eth.extend_from_slice(&[2, 0, 0, 0, 0, 9, 0x88, 0xb5]);
     eth.extend(std::iter::repeat_n(0x5a, 50));
     inject(&tap, &eth);
-    // Let the kernel queue it.
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    f.clear_dirty();
-    f.w(reg::QUEUE_NOTIFY, 0);
-    // The tap may also carry frames of its own (IPv6 router solicitations): find ours.
+    // Kick until the kernel has queued it (no fixed wait: a loaded host
+    // only takes longer). The tap may also carry frames of its own (IPv6
+    // router solicitations): find ours, giving each other buffer back.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let mut found = false;
-    while let Some((id, len)) = f.pop_used(&mut rx) {
-        let addr = 0x70_0000 + id as u64 * 0x1000;
-        let mut buf = vec![0u8; len as usize];
-        f.mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
-        assert!(f.dirty(addr), "RX buffer page not marked dirty");
-        assert_eq!(buf[10], 1, "num_buffers");
-        if buf[12..] == eth[..] {
-            found = true;
+    while !found {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the injected frame did not reach the RX ring in 20 s"
+        );
+        f.clear_dirty();
+        f.w(reg::QUEUE_NOTIFY, 0);
+        let mut used = 0;
+        while let Some((id, len)) = f.pop_used(&mut rx) {
+            used += 1;
+            let addr = 0x70_0000 + id as u64 * 0x1000;
+            let mut buf = vec![0u8; len as usize];
+            f.mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+            assert!(f.dirty(addr), "RX buffer page not marked dirty");
+            assert_eq!(buf[10], 1, "num_buffers");
+            if buf[12..] == eth[..] {
+                found = true;
+            } else {
+                f.set_desc(&rx, id as u16, addr, 2048, F_WRITE, 0);
+                f.publish(&mut rx, id as u16);
+            }
+        }
+        if found {
+            assert!(f.dirty(rx.used()), "RX used ring page not marked dirty");
+        } else if used == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
         }
     }
-    assert!(found, "the injected frame did not reach the RX ring");
-    assert!(f.dirty(rx.used()), "RX used ring page not marked dirty");
 }
 
 /// A sink that refuses (Full) until `open` is set, then records.

@@ -144,12 +144,14 @@ fn kill_run(delay: Duration) -> KillOutcome {
     let committed = committed_after;
     let mut failover = None;
     if committed > 0 {
-        let got = obs.wait_until(Duration::from_secs(5), |l| {
+        // A deadline for a stuck takeover, not a failover-time bound (the
+        // failover time is measured and printed below).
+        let got = obs.wait_until(Duration::from_secs(30), |l| {
             l.iter().any(|d| Some(d.from) != old)
         });
         assert!(
             got,
-            "no output from the backup 5 s after killing the primary at {delay:?}\n{}",
+            "no output from the backup 30 s after killing the primary at {delay:?}\n{}",
             logs(&c)
         );
         // None if the backup took over before the kill (a false detection
@@ -240,9 +242,10 @@ fn wait_records(obs: &Observer, c: &Cluster, n: usize) {
 }
 
 /// SIGKILL the backup with `on_backup_loss = "pause"`: the primary holds the
-/// guest (no output leaves once the last acks are in), stays alive, and a new
-/// backup started on the same address resynchronises and protection resumes,
-/// with one history throughout.
+/// guest (nothing leaves but the output of epochs the dead backup committed,
+/// nothing unprotected), stays alive, and a new backup started on the same
+/// address resynchronises and protection resumes, with one history
+/// throughout.
 #[test]
 fn backup_sigkill_pause_holds_output_until_a_new_backup_resyncs() {
     require_kvm();
@@ -255,14 +258,22 @@ fn backup_sigkill_pause_holds_output_until_a_new_backup_resyncs() {
     std::thread::sleep(Duration::from_millis(300));
     let killed = backup.kill();
     std::thread::sleep(Duration::from_millis(800));
+    // Acks that arrived before the kill may still be released after it (a
+    // loaded host runs the releasing thread late), so the test is what is
+    // released, not when: only epochs the dead backup committed, and
+    // nothing unprotected.
+    let last_committed = CommitLog::load(&c.commit_log())
+        .map(|l| l.commits.keys().copied().max().unwrap_or(0))
+        .unwrap_or(0);
     let late: Vec<Datagram> = obs
         .datagrams()
         .into_iter()
-        .filter(|d| d.at > killed + Duration::from_millis(30))
+        .filter(|d| d.at > killed && (d.epoch == 0 || d.epoch > last_committed))
         .collect();
     assert!(
         late.is_empty(),
-        "{} records released after the backup died under the pause policy (first: {:?})\n{}",
+        "{} records released after the backup died under the pause policy, unprotected or \
+         of epochs it never committed (last {last_committed}; first: {:?})\n{}",
         late.len(),
         late.first(),
         logs(&c)
@@ -306,7 +317,7 @@ fn backup_sigkill_continue_runs_unprotected() {
     std::thread::sleep(Duration::from_millis(300));
     let killed = backup.kill();
     assert!(
-        obs.wait_until(Duration::from_secs(3), |l| l
+        obs.wait_until(Duration::from_secs(30), |l| l
             .iter()
             .filter(|d| d.at > killed && d.epoch == 0)
             .count()

@@ -169,15 +169,21 @@ fn primary_with_the_wrong_certificate_is_refused() {
     let mut backup = cluster.start_backup().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let mut primary = cluster.start_primary().unwrap();
-    std::thread::sleep(Duration::from_secs(3));
+    // Wait for the refusal itself (a loaded host only makes it later).
+    let refused = |log: &str| log.contains("refusing") && log.contains("certificate");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !refused(&std::fs::read_to_string(&backup.log).unwrap_or_default())
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The primary keeps trying meanwhile; give it a few more attempts.
+    std::thread::sleep(Duration::from_secs(1));
     backup.check_alive().unwrap();
     primary.kill();
     backup.kill();
     let log = std::fs::read_to_string(&backup.log).unwrap();
-    assert!(
-        log.contains("refusing") && log.contains("certificate"),
-        "the backup did not log the refusal:\n{log}"
-    );
+    assert!(refused(&log), "the backup did not log the refusal:\n{log}");
     assert!(
         !log.contains("new replication session"),
         "the backup accepted the impostor:\n{log}"
