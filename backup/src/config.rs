@@ -3,8 +3,10 @@
 //! `[output]` and `[metrics]` are as in primary.toml (`castor_node::config`).
 
 pub use castor_node::config::ConfigError;
-use castor_node::config::{self, MetricsSection, OutputSection, TlsFiles, TlsSection, Validator};
-use castor_node::{MacAddr, OnBackupLoss, TakeoverPlan};
+use castor_node::config::{
+    self, ControlSection, MetricsSection, OutputSection, TlsFiles, TlsSection, Validator,
+};
+use castor_node::{MacAddr, OnBackupLoss, TakeoverPlan, TapPolicy};
 use castor_replicator::backup::BackupConfig;
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -94,8 +96,13 @@ impl Default for TakeoverSection {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetSection {
-    /// This host's tap, on the same L2 segment as the primary's. Required.
+    /// This host's tap, on a bridge on the same L2 segment as the
+    /// primary's. Required. A missing tap is refused unless `create_tap`.
     pub tap: String,
+    /// Create the tap when it is missing (then on no bridge until you attach
+    /// it). Default false.
+    #[serde(default)]
+    pub create_tap: bool,
     /// The guest's MAC (as in primary.toml). Default "02:ca:57:00:00:02".
     #[serde(default = "default_mac")]
     pub mac: String,
@@ -114,11 +121,16 @@ pub struct File {
     pub replication: ReplicationSection,
     /// `[tls]`.
     pub tls: TlsSection,
-    /// `[output]`: where the guest's output goes after a takeover.
+    /// `[output]`: where the guest's records go after a takeover (a network
+    /// guest's frames go to the `[net]` tap).
+    #[serde(default)]
     pub output: OutputSection,
     /// `[metrics]`.
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// `[control]`.
+    #[serde(default)]
+    pub control: ControlSection,
     /// `[takeover]`.
     #[serde(default)]
     pub takeover: TakeoverSection,
@@ -172,8 +184,10 @@ pub struct Config {
     pub backup: BackupConfig,
     /// This host's TLS identity and the primary's certificate.
     pub tls: TlsFiles,
-    /// Metrics endpoint.
+    /// HTTP endpoint (metrics, status, status page).
     pub metrics: Option<SocketAddr>,
+    /// Control socket.
+    pub control: Option<castor_node::control::SocketConfig>,
     /// Commit log file.
     pub commit_log: Option<PathBuf>,
     /// The takeover: output destination, re-emission, announcement, output cap.
@@ -191,6 +205,8 @@ pub struct BackupNet {
     pub tap: String,
     /// The guest's MAC.
     pub mac: MacAddr,
+    /// Create the tap when missing.
+    pub tap_policy: TapPolicy,
 }
 
 /// Re-protection settings (from `[takeover]`).
@@ -216,7 +232,7 @@ impl Config {
 
     /// Validates the text of a config file.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let f: File = config::parse_toml(text, path)?;
+        let f: File = config::parse_toml(text, path, &["replication", "tls"])?;
         let v = Validator::new(path);
         let r = &f.replication;
         let (heartbeat, peer_timeout) =
@@ -227,6 +243,11 @@ impl Config {
             Some(n) => Some(BackupNet {
                 tap: n.tap.clone(),
                 mac: v.mac("net.mac", &n.mac)?,
+                tap_policy: if n.create_tap {
+                    TapPolicy::Create
+                } else {
+                    TapPolicy::MustExist
+                },
             }),
         };
         Ok(Config {
@@ -239,9 +260,12 @@ impl Config {
             },
             tls: f.tls.resolve(&v),
             metrics: f.metrics.listen,
+            control: f.control.resolve(&v, "backup"),
             commit_log: f.log.commit_log.as_deref().map(|p| v.relative(p)),
             takeover: TakeoverPlan {
-                release_to: f.output.release_to,
+                release_to: f
+                    .output
+                    .records_to(&v, f.net.as_ref().map(|n| n.tap.as_str()))?,
                 reemit_output: f.takeover.reemit_output,
                 announce: f.net.as_ref().is_some_and(|n| n.announce),
                 max_held: f.output.max_held_bytes(&v)?,
@@ -328,7 +352,33 @@ mod tests {
         assert!(c.reprotect.is_none() && c.net.is_none());
         let n = parse("[net]\ntap = \"tap1\"\nmac = \"02:00:00:00:00:09\"\n").unwrap();
         assert!(n.takeover.announce);
-        assert_eq!(n.net.unwrap().mac.to_string(), "02:00:00:00:00:09");
+        let net = n.net.unwrap();
+        assert_eq!(net.mac.to_string(), "02:00:00:00:00:09");
+        assert_eq!(net.tap_policy, TapPolicy::MustExist);
+        assert_eq!(
+            c.control.map(|s| s.path),
+            Some(PathBuf::from("/run/castor/backup.sock"))
+        );
+        // A network guest's backup needs no [output].
+        let no_output = "[replication]\nlisten = \"0.0.0.0:7400\"\n\
+            [tls]\ncert = \"b.crt\"\nkey = \"b.key\"\npeer_cert = \"p.crt\"\n";
+        let p = Path::new("/etc/castor/backup.toml");
+        let c = Config::parse(
+            &format!("{no_output}[net]\ntap = \"tap1\"\ncreate_tap = true\n"),
+            p,
+        )
+        .unwrap();
+        assert_eq!(c.takeover.release_to, None);
+        assert_eq!(c.net.unwrap().tap_policy, TapPolicy::Create);
+        assert_eq!(
+            field(Config::parse(no_output, p).unwrap_err()),
+            "output.release_to"
+        );
+        let e = Config::parse("[tls]\n", p).unwrap_err();
+        assert!(
+            e.to_string().contains("[replication] section is missing"),
+            "{e}"
+        );
     }
 
     #[test]

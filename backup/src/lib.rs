@@ -7,8 +7,10 @@
 
 pub mod config;
 
-use castor_node::{Detection, NetError, Protection, ReplicaIo, ReplicaNet};
-use castor_replicator::backup::{Backup, SessionEnd};
+use castor_node::{
+    Detection, NetError, Protection, Reason, ReplicaIo, ReplicaNet, Role, StatusBoard,
+};
+use castor_replicator::backup::{Backup, GuardEvent, SessionEnd};
 use castor_replicator::transport::{self, PeerCert, TransportConfig};
 pub use config::{Config, ConfigError};
 use std::sync::Arc;
@@ -42,16 +44,24 @@ pub enum DaemonError {
 
 /// Runs the backup until killed.
 pub fn run(cfg: Config) -> Result<(), DaemonError> {
-    let rt = castor_node::daemon_runtime(cfg.metrics)?;
+    let board = StatusBoard::new(Role::Backup);
+    run_with(cfg, &board)
+}
+
+/// [`run`], reporting to `board`.
+pub fn run_with(cfg: Config, board: &Arc<StatusBoard>) -> Result<(), DaemonError> {
+    let rt = castor_node::daemon_runtime()?;
+    castor_node::start_endpoints(&rt, board, cfg.metrics, cfg.control.as_ref())?;
     let identity = cfg.tls.identity()?;
     let peer = cfg.tls.peer()?;
     // One tap and one set of switched sinks for every replica VM this
     // process creates.
     let io = Arc::new(ReplicaIo::new(match &cfg.net {
         None => None,
-        Some(n) => Some(ReplicaNet::open(&n.tap, n.mac)?),
+        Some(n) => Some(ReplicaNet::open(&n.tap, n.mac, n.tap_policy)?),
     }));
     let mut backup = Backup::new(cfg.backup.clone(), io.vm_factory(cfg.dirty_tracking));
+    board.watch_backup(backup.status());
     if let Some(path) = &cfg.commit_log {
         use std::io::Write;
         let mut file = std::fs::OpenOptions::new()
@@ -73,34 +83,57 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
         transport::listen(cfg.listen, &identity, &peer, &TransportConfig::default())?
     };
     log::info!("backup listening on {}", cfg.listen);
-    loop {
-        let conn = match rt.block_on(listener.accept()) {
-            Ok(c) => c,
-            Err(e) => {
-                log::warn!("refused a connection: {e}");
-                continue;
-            }
-        };
-        let end = rt.block_on(backup.serve(conn));
-        let detected = Detection::now();
-        match end {
-            Ok(SessionEnd::ProtocolError(_)) => continue,
-            // Refused at Hello (already logged with the reason): keep the
-            // replica and wait for a primary this backup can protect.
-            Ok(SessionEnd::Refused(_)) => continue,
-            Ok(SessionEnd::PrimaryLost(why)) if backup.committed_epoch() > 0 => {
-                log::warn!(
-                    "primary lost ({why}): taking over from epoch {}",
-                    backup.committed_epoch()
-                );
-                return take_over(&cfg, &mut backup, &io, detected);
-            }
-            Ok(SessionEnd::PrimaryLost(why)) => {
-                log::warn!("primary lost before the first commit ({why}); waiting for a primary");
-            }
-            Err(e) => log::error!("session failed: {e}"),
+    board.unprotected(Reason::NoPrimary, false);
+    board.ready();
+    // One liveness rule across sessions (Backup::guard): whatever ends a
+    // session, the backup goes back to accepting with the primary's deadline
+    // running, and takes over only when nothing arrived for timeout_ms.
+    let lost = rt.block_on(backup.guard(&listener, |backup, event| match event {
+        GuardEvent::Started(peer) => {
+            board.session_started(peer.to_string(), backup.committed_epoch() > 0)
         }
-    }
+        GuardEvent::Ended(Ok(SessionEnd::ProtocolError(why))) => board.unprotected(
+            Reason::SessionEnded {
+                detail: format!(
+                    "the primary's data failed verification ({why}); it should reconnect"
+                ),
+            },
+            false,
+        ),
+        // Refused at Hello (already logged with the reason): keep the
+        // replica and wait for a primary this backup can protect.
+        GuardEvent::Ended(Ok(SessionEnd::Refused(why))) => board.unprotected(
+            Reason::SessionEnded {
+                detail: format!("refused the primary: {why}"),
+            },
+            false,
+        ),
+        GuardEvent::Ended(Ok(SessionEnd::PrimaryLost(why))) => board.unprotected(
+            Reason::SessionEnded {
+                detail: if backup.committed_epoch() > 0 {
+                    format!("session ended ({why}); waiting up to timeout_ms for the primary")
+                } else {
+                    format!("primary lost before the first commit ({why})")
+                },
+            },
+            false,
+        ),
+        GuardEvent::Ended(Err(e)) => {
+            log::error!("session failed: {e}");
+            board.unprotected(
+                Reason::SessionEnded {
+                    detail: e.to_string(),
+                },
+                false,
+            );
+        }
+    }));
+    let detected = Detection::now();
+    log::warn!(
+        "primary lost ({lost}): taking over from epoch {}",
+        backup.committed_epoch()
+    );
+    take_over(&cfg, &mut backup, &io, detected, board)
 }
 
 /// Takes over from the committed checkpoint, then runs the guest
@@ -110,16 +143,17 @@ fn take_over(
     backup: &mut Backup,
     io: &ReplicaIo,
     detected: Detection,
+    board: &Arc<StatusBoard>,
 ) -> Result<(), DaemonError> {
     let t = backup.take_over()?;
-    let running = cfg.takeover.execute(t, io, detected)?;
+    let running = cfg.takeover.execute(t, io, detected, board)?;
     match &cfg.reprotect {
         None => loop {
             std::thread::sleep(Duration::from_secs(3600));
         },
         Some(rp) => {
             log::warn!("re-protection: replicating to the new backup {}", rp.backup);
-            let rt = castor_node::daemon_runtime(None)?;
+            let rt = castor_node::daemon_runtime()?;
             running.protect(
                 Protection {
                     backup: rp.backup,
@@ -129,8 +163,10 @@ fn take_over(
                     pipeline: rp.pipeline.clone(),
                     on_backup_loss: rp.on_backup_loss,
                 },
+                board,
                 &rt,
             );
+            castor_node::systemd::notify_stopping();
             Ok(())
         }
     }

@@ -2,7 +2,7 @@
 //! library crates (vmm, replicator, primary, backup). `castor`'s `main` is
 //! [`main`]; the test suite builds the same CLI into its own binary.
 
-use crate::{daemons, demo, drill, run};
+use crate::{daemons, demo, drill, run, status};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -32,6 +32,10 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Trigger a failover of a running pair and check the invariant.
     Drill(drill::DrillArgs),
+    /// Show a running daemon's role, protection state, epochs, rates and failovers.
+    Status(status::StatusArgs),
+    /// Send a control command to a running daemon: suspend or resume protection, status.
+    Ctl(status::CtlArgs),
 }
 
 /// Parses the command line, runs the subcommand, exits 1 on error.
@@ -48,6 +52,8 @@ pub fn main() {
         Command::Observe(a) => crate::observe::observe_command(&a),
         Command::Demo(a) => demo::demo(&a),
         Command::Drill(a) => drill::drill(&a),
+        Command::Status(a) => status::status(&a),
+        Command::Ctl(a) => status::ctl(&a),
     };
     if let Err(e) = result {
         eprintln!("castor: error: {e}");

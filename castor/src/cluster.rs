@@ -211,6 +211,16 @@ impl Cluster {
         self.dir.join("backup.toml")
     }
 
+    /// The primary's control socket.
+    pub fn primary_socket(&self) -> PathBuf {
+        self.dir.join("primary.sock")
+    }
+
+    /// The backup's control socket.
+    pub fn backup_socket(&self) -> PathBuf {
+        self.dir.join("backup.sock")
+    }
+
     /// Path of the backup's commit log.
     pub fn commit_log(&self) -> PathBuf {
         self.dir.join("commits.log")
@@ -227,7 +237,7 @@ impl Cluster {
              [guest]\nworkload = \"dirtier\"\ndirty_rate = \"{}\"\nrecord_every = {}\nentropy = true\n\n\
              [replication]\nbackup = \"{}\"\nbind = \"127.0.0.1:0\"\nepoch_ms = {}\nheartbeat_ms = {}\ntimeout_ms = {}\non_backup_loss = \"{}\"\ncache = \"64M\"\n\n\
              [tls]\ncert = \"primary.crt\"\nkey = \"primary.key\"\npeer_cert = \"backup.crt\"\n\n\
-             [output]\nrelease_to = \"{}\"\n\n{}",
+             [output]\nrelease_to = \"{}\"\n\n[control]\nsocket = \"primary.sock\"\n\n{}",
             s.vcpus,
             s.memory,
             s.dirty_rate,
@@ -248,7 +258,7 @@ impl Cluster {
         let backup = format!(
             "[replication]\nlisten = \"{}\"\nheartbeat_ms = {}\ntimeout_ms = {}\n\n\
              [tls]\ncert = \"backup.crt\"\nkey = \"backup.key\"\npeer_cert = \"primary.crt\"\n\n\
-             [output]\nrelease_to = \"{}\"\n\n{}\n{}",
+             [output]\nrelease_to = \"{}\"\n\n[control]\nsocket = \"backup.sock\"\n\n{}\n{}",
             self.backup_addr,
             s.heartbeat_ms,
             s.timeout_ms,

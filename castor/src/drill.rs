@@ -122,16 +122,18 @@ pub fn drill(a: &DrillArgs) -> Result<(), String> {
     observe::install_interrupt_handler();
     let p = castor_primary::Config::load(&a.primary_config).map_err(|e| e.to_string())?;
     let b = castor_backup::Config::load(&a.backup_config).map_err(|e| e.to_string())?;
-    if p.release_to != b.takeover.release_to {
+    let Some(release_to) = p.release_to else {
+        return Err("network guest: not supported yet".into());
+    };
+    if Some(release_to) != b.takeover.release_to {
         println!(
-            "warning: the primary releases to {} but the backup to {}; observing {}",
-            p.release_to, b.takeover.release_to, p.release_to
+            "warning: the primary releases to {release_to} but the backup to {:?}; observing {release_to}",
+            b.takeover.release_to
         );
     }
-    let obs = Observer::bind(p.release_to).map_err(|e| {
+    let obs = Observer::bind(release_to).map_err(|e| {
         format!(
-            "{e}: the drill receives the pair's output itself; stop whatever listens on {} or point [output] release_to of both configs at the drill host",
-            p.release_to
+            "{e}: the drill receives the pair's output itself; stop whatever listens on {release_to} or point [output] release_to of both configs at the drill host"
         )
     })?;
     println!("drill: observing output on {}", obs.addr());

@@ -9,3 +9,4 @@ mod demo;
 mod drill;
 pub mod observe;
 mod run;
+pub mod status;

@@ -39,6 +39,14 @@ pub enum ConfigError {
         #[source]
         source: toml::de::Error,
     },
+    /// A required section is absent.
+    #[error("{path}: the [{section}] section is missing (see configs/ for a commented example)")]
+    MissingSection {
+        /// The file.
+        path: PathBuf,
+        /// The section.
+        section: &'static str,
+    },
     /// A field has a value out of range.
     #[error("{path}: field `{field}`: {message}")]
     Invalid {
@@ -60,8 +68,23 @@ pub fn read(path: &Path) -> Result<String, ConfigError> {
 }
 
 /// Deserializes the text of the config file `path` (unknown fields are
-/// refused by the sections' `deny_unknown_fields`).
-pub fn parse_toml<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T, ConfigError> {
+/// refused by the sections' `deny_unknown_fields`). A missing required
+/// section is named (`required`), not reported at line 1, column 1.
+pub fn parse_toml<T: DeserializeOwned>(
+    text: &str,
+    path: &Path,
+    required: &[&'static str],
+) -> Result<T, ConfigError> {
+    let table: toml::Table = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        path: path.into(),
+        source,
+    })?;
+    if let Some(section) = required.iter().find(|s| !table.contains_key(**s)) {
+        return Err(ConfigError::MissingSection {
+            path: path.into(),
+            section,
+        });
+    }
     toml::from_str(text).map_err(|source| ConfigError::Parse {
         path: path.into(),
         source,
@@ -114,21 +137,58 @@ impl TlsFiles {
     }
 }
 
-/// The `[output]` section.
+/// The `[output]` section (optional as a whole).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputSection {
-    /// Where released guest output goes: a UDP address, each record one datagram.
-    pub release_to: SocketAddr,
+    /// Where released guest *records* go (the built-in `dirtier` guest): a
+    /// UDP address, each record one datagram. A network guest's output is
+    /// its frames, released to its tap: this does not apply to it.
+    #[serde(default)]
+    pub release_to: Option<SocketAddr>,
     /// Most output held awaiting acks ("4M"); beyond it the guest stalls.
     #[serde(default = "default_held")]
     pub max_held: String,
+}
+
+impl Default for OutputSection {
+    fn default() -> Self {
+        OutputSection {
+            release_to: None,
+            max_held: default_held(),
+        }
+    }
 }
 
 impl OutputSection {
     /// `max_held` in bytes.
     pub fn max_held_bytes(&self, v: &Validator<'_>) -> Result<usize, ConfigError> {
         Ok(v.size("output.max_held", &self.max_held)? as usize)
+    }
+
+    /// `release_to` for a guest whose output is records (required), or
+    /// `None` for a network guest (`network` = its tap), whose output goes
+    /// to its tap: a `release_to` given for one is logged as not applying.
+    pub fn records_to(
+        &self,
+        v: &Validator<'_>,
+        network: Option<&str>,
+    ) -> Result<Option<SocketAddr>, ConfigError> {
+        match (network, self.release_to) {
+            (None, Some(a)) => Ok(Some(a)),
+            (None, None) => Err(v.invalid(
+                "output.release_to",
+                "required for the record guest (workload \"dirtier\"): the UDP address released records go to, e.g. release_to = \"127.0.0.1:7500\" under [output]",
+            )),
+            (Some(tap), Some(a)) => {
+                log::warn!(
+                    "{}: [output] release_to = \"{a}\" does not apply to a network guest: its output is its frames, released to tap {tap}; remove the line",
+                    v.path().display()
+                );
+                Ok(None)
+            }
+            (Some(_), None) => Ok(None),
+        }
     }
 }
 
@@ -140,8 +200,37 @@ fn default_held() -> String {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsSection {
-    /// Prometheus endpoint, "127.0.0.1:9100"; absent = no endpoint.
+    /// The daemon's HTTP endpoint, "127.0.0.1:9100": `/metrics`
+    /// (Prometheus), `/status` (JSON) and the status page at `/`; absent =
+    /// no endpoint.
     pub listen: Option<SocketAddr>,
+}
+
+/// The `[control]` section.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ControlSection {
+    /// The control socket (`castor ctl SOCKET status|suspend|resume`), mode
+    /// 0600. Default `/run/castor/ROLE.sock`; `""` = none.
+    pub socket: Option<PathBuf>,
+}
+
+impl ControlSection {
+    /// The socket of a daemon in `role` (relative paths against the config
+    /// file's directory), or `None` when switched off.
+    pub fn resolve(&self, v: &Validator<'_>, role: &str) -> Option<crate::control::SocketConfig> {
+        match &self.socket {
+            None => Some(crate::control::SocketConfig {
+                path: crate::control::default_socket(role),
+                explicit: false,
+            }),
+            Some(p) if p.as_os_str().is_empty() => None,
+            Some(p) => Some(crate::control::SocketConfig {
+                path: v.relative(p),
+                explicit: true,
+            }),
+        }
+    }
 }
 
 /// A bad `epoch_mode` / `min_epoch_ms` pair.
@@ -311,6 +400,43 @@ impl<'a> Validator<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn missing_sections_are_named_and_output_applies_to_records_only() {
+        #[derive(Debug, Deserialize)]
+        struct F {
+            #[allow(dead_code)]
+            a: toml::Table,
+            #[serde(default)]
+            output: OutputSection,
+        }
+        let p = Path::new("/etc/castor/x.toml");
+        match parse_toml::<F>("[b]\n", p, &["a"]) {
+            Err(e @ ConfigError::MissingSection { section: "a", .. }) => {
+                assert!(e.to_string().contains("[a] section is missing"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let f: F = parse_toml("[a]\n", p, &["a"]).unwrap();
+        let v = Validator::new(p);
+        assert_eq!(f.output.records_to(&v, Some("tap0")).unwrap(), None);
+        match f.output.records_to(&v, None) {
+            Err(ConfigError::Invalid { field, .. }) => assert_eq!(field, "output.release_to"),
+            other => panic!("{other:?}"),
+        }
+        let f: F = parse_toml("[a]\n[output]\nrelease_to = \"127.0.0.1:9\"\n", p, &["a"]).unwrap();
+        assert_eq!(f.output.records_to(&v, Some("tap0")).unwrap(), None);
+        assert!(f.output.records_to(&v, None).unwrap().is_some());
+        let c = ControlSection::default();
+        assert_eq!(
+            c.resolve(&v, "primary").map(|s| (s.path, s.explicit)),
+            Some((PathBuf::from("/run/castor/primary.sock"), false))
+        );
+        let off = ControlSection {
+            socket: Some(PathBuf::new()),
+        };
+        assert_eq!(off.resolve(&v, "primary"), None);
+    }
 
     #[test]
     fn epoch_modes() {

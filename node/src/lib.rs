@@ -15,23 +15,35 @@
 //! * [`replica`]: a replica VM's output plumbing and its VM factory;
 //! * [`takeover`]: the takeover sequence ([`TakeoverPlan`]);
 //! * [`mod@protect`]: the reconnect/backup-loss loop;
-//! * [`runtime`]: the daemons' async runtime and metrics endpoint.
+//! * [`status`]: what an operator sees ([`StatusBoard`]: role, protection
+//!   state with its reason, epochs, rates, pauses, failovers);
+//! * [`http`]: the HTTP endpoint (`/metrics`, `/status`, the status page);
+//! * [`control`]: the control socket (`status`, `suspend`, `resume`);
+//! * [`systemd`]: `sd_notify` (READY, STATUS, WATCHDOG);
+//! * [`runtime`]: the daemons' async runtime, and starting the endpoints.
 
 pub mod arp;
 pub mod config;
+pub mod control;
+pub mod http;
 pub mod mac;
 pub mod net;
 pub mod protect;
 pub mod replica;
 pub mod runtime;
 pub mod sinks;
+pub mod status;
+pub mod systemd;
 pub mod takeover;
 
-pub use config::{ConfigError, MetricsSection, OutputSection, TlsFiles, TlsSection, Validator};
+pub use config::{
+    ConfigError, ControlSection, MetricsSection, OutputSection, TlsFiles, TlsSection, Validator,
+};
 pub use mac::MacAddr;
-pub use net::{open_tap, NetError, NetTxSink, TapRelease};
-pub use protect::{protect, OnBackupLoss, Protection};
+pub use net::{open_tap, NetError, NetTxSink, TapPolicy, TapRelease};
+pub use protect::{protect, OnBackupLoss, ProtectSwitch, Protection, SwitchError};
 pub use replica::{ReplicaIo, ReplicaNet};
-pub use runtime::{daemon_runtime, start_metrics, RuntimeError};
+pub use runtime::{daemon_runtime, start_endpoints, RuntimeError};
 pub use sinks::{BufferedSink, SwitchSink, SwitchTxSink, UdpRelease};
+pub use status::{ProtectionState, Reason, Role, Status, StatusBoard};
 pub use takeover::{Detection, TakeoverError, TakeoverPlan, TookOver};

@@ -27,14 +27,66 @@ pub enum NetError {
     /// The virtio-net device could not be added to the VM.
     #[error("virtio-net: {0}")]
     Device(#[from] DeviceError),
+    /// The tap does not exist, and the config does not ask for one to be
+    /// created (a tap created here would be on no bridge: the guest would be
+    /// unreachable, and a takeover would announce it into the void).
+    #[error(
+        "tap {tap} does not exist. Create it on the guest's bridge first \
+         (ip tuntap add dev {tap} mode tap && ip link set {tap} master BRIDGE up), \
+         or set `create_tap = true` under [net] to have Castor create it (unbridged: \
+         you then attach it to a bridge yourself)"
+    )]
+    TapMissing {
+        /// The tap's name.
+        tap: String,
+    },
+}
+
+/// What to do about the guest's tap on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TapPolicy {
+    /// It must exist (the operator made it, on the guest's bridge).
+    #[default]
+    MustExist,
+    /// Create it when missing (`[net] create_tap = true`).
+    Create,
+}
+
+/// Where an existing interface is enslaved: its bridge (or bond), if any.
+pub fn interface_master(name: &str) -> Option<String> {
+    let link = std::fs::read_link(format!("/sys/class/net/{name}/master")).ok()?;
+    link.file_name().map(|n| n.to_string_lossy().into_owned())
+}
+
+/// Whether the interface `name` exists in this network namespace.
+pub fn interface_exists(name: &str) -> bool {
+    std::path::Path::new("/sys/class/net").join(name).exists()
 }
 
 /// Opens this host's tap for the guest and brings it up (a tap that cannot
 /// be brought up is assumed to be managed outside: logged, not refused).
-pub fn open_tap(name: &str) -> Result<Tap, NetError> {
+/// A missing tap is refused unless `policy` says to create it; a tap on no
+/// bridge is logged: the guest is then reachable from this host only.
+pub fn open_tap(name: &str, policy: TapPolicy) -> Result<Tap, NetError> {
+    let existed = interface_exists(name);
+    if !existed && policy == TapPolicy::MustExist {
+        return Err(NetError::TapMissing { tap: name.into() });
+    }
     let tap = Tap::open(name)?;
     if let Err(e) = tap.set_up() {
         log::warn!("cannot bring tap {name} up ({e}); assuming it is managed outside");
+    }
+    match (existed, interface_master(name)) {
+        (_, Some(bridge)) => log::info!("tap {name} is on bridge {bridge}"),
+        (false, None) => log::warn!(
+            "created tap {name} ([net] create_tap = true): it is on NO bridge, so the guest is \
+             reachable from this host only; attach it: ip link set {name} master BRIDGE"
+        ),
+        (true, None) => log::warn!(
+            "tap {name} is on no bridge: the guest is reachable from this host only (routed \
+             set-ups aside), and a takeover announces it where nobody listens; attach it: \
+             ip link set {name} master BRIDGE"
+        ),
     }
     Ok(tap)
 }

@@ -1,13 +1,20 @@
 //! The reconnect/backup-loss loop: replicates a running guest to its backup
 //! for as long as the process lives. Used by `castor primary`, and by a
 //! backup that took over and re-protects the guest with a new backup.
+//!
+//! Every change of protection goes to the daemon's [`StatusBoard`] (which
+//! logs it once, with its reason); the board's [`ProtectSwitch`] lets the
+//! operator suspend protection on purpose (`castor ctl SOCKET suspend`) and
+//! resume it.
 
+use crate::status::{Reason, StatusBoard};
 use castor_net_buffer::OutputBuffer;
 use castor_replicator::primary::{Primary, PrimaryConfig, PrimaryError, Release};
 use castor_replicator::transport::{self, Identity, PeerCert, TransportConfig};
 use castor_vmm::Vm;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// What to do when the backup is lost.
@@ -35,15 +42,128 @@ pub struct Protection {
     pub on_backup_loss: OnBackupLoss,
 }
 
+/// A suspend/resume request could not be carried out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SwitchError {
+    /// This daemon runs no guest (a backup before any takeover).
+    #[error("this daemon runs no guest (a backup): suspend or resume protection on the primary")]
+    NoGuest,
+    /// Protection is already suspended.
+    #[error("protection is already suspended")]
+    AlreadySuspended,
+    /// Protection is not suspended.
+    #[error("protection is not suspended")]
+    NotSuspended,
+}
+
+#[derive(Default)]
+struct SwitchInner {
+    /// A protect loop runs (a guest runs on this host).
+    running: bool,
+    suspended: bool,
+    /// The stop flag of the pipeline in session, if any.
+    stop: Option<Arc<AtomicBool>>,
+}
+
+/// The operator's switch over a protect loop: suspend protection (the
+/// session with the backup ends and the guest runs unprotected on purpose,
+/// its held output released) and resume it (reconnect and resynchronise:
+/// incrementally when the backup still holds this session's replica).
+#[derive(Default)]
+pub struct ProtectSwitch {
+    inner: Mutex<SwitchInner>,
+    cv: Condvar,
+}
+
+impl ProtectSwitch {
+    fn lock(&self) -> MutexGuard<'_, SwitchInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Suspends protection.
+    pub fn suspend(&self) -> Result<(), SwitchError> {
+        let mut g = self.lock();
+        if !g.running {
+            return Err(SwitchError::NoGuest);
+        }
+        if g.suspended {
+            return Err(SwitchError::AlreadySuspended);
+        }
+        g.suspended = true;
+        if let Some(stop) = &g.stop {
+            stop.store(true, Ordering::Relaxed);
+        }
+        self.cv.notify_all();
+        Ok(())
+    }
+
+    /// Resumes protection.
+    pub fn resume(&self) -> Result<(), SwitchError> {
+        let mut g = self.lock();
+        if !g.running {
+            return Err(SwitchError::NoGuest);
+        }
+        if !g.suspended {
+            return Err(SwitchError::NotSuspended);
+        }
+        g.suspended = false;
+        self.cv.notify_all();
+        Ok(())
+    }
+
+    /// Whether protection is suspended.
+    pub fn is_suspended(&self) -> bool {
+        self.lock().suspended
+    }
+
+    fn attach(&self, stop: Arc<AtomicBool>) {
+        let mut g = self.lock();
+        g.running = true;
+        g.stop = Some(stop);
+    }
+
+    /// Waits up to `d` for a resume; true once not suspended.
+    fn wait_resumed(&self, d: Duration) -> bool {
+        let g = self.lock();
+        let (g, _) = self
+            .cv
+            .wait_timeout_while(g, d, |g| g.suspended)
+            .unwrap_or_else(|e| e.into_inner());
+        !g.suspended
+    }
+
+    /// Sleeps up to `d`, waking early on a suspend.
+    fn sleep(&self, d: Duration) {
+        let g = self.lock();
+        let _ = self
+            .cv
+            .wait_timeout_while(g, d, |g| !g.suspended)
+            .unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+/// Releases everything the buffer holds and lets output pass through.
+fn run_unprotected(buffer: &OutputBuffer, release: &dyn Release) {
+    if !buffer.is_unprotected() {
+        let released = buffer.set_unprotected(true);
+        let items: Vec<(u64, Vec<u8>)> = released.iter().map(|i| (i.seq, i.data.clone())).collect();
+        if !items.is_empty() {
+            release.release(0, &items);
+        }
+    }
+}
+
 /// Replicates a running guest to its backup for as long as the process
 /// lives: connects (and reconnects: incrementally when the backup still
 /// holds this session's replica), and applies the backup-loss policy while
-/// no backup is attached. Returns when the guest stops.
+/// no backup is attached. Every state change goes to `board`. Returns when
+/// the guest stops.
 pub fn protect(
     vm: Arc<Vm>,
     buffer: Arc<OutputBuffer>,
     release: Arc<dyn Release>,
     p: Protection,
+    board: &Arc<StatusBoard>,
     rt: &tokio::runtime::Runtime,
 ) {
     let mut primary = Primary::new(
@@ -52,10 +172,33 @@ pub fn protect(
         release.clone(),
         p.pipeline.clone(),
     );
+    board.watch_primary(primary.status(), vm.shape().memory_end());
+    let switch = board.switch().clone();
+    let stop = primary.stop_flag();
+    switch.attach(stop.clone());
     let tcfg = TransportConfig::default();
     let mut paused_for_loss = false;
     let mut warned = false;
     loop {
+        if switch.is_suspended() {
+            log::warn!(
+                "!!! protection SUSPENDED by the operator: the guest runs UNPROTECTED on purpose \
+                 (held output released; a host failure now loses the guest). \
+                 Resume with `castor ctl SOCKET resume`"
+            );
+            run_unprotected(&buffer, release.as_ref());
+            if paused_for_loss {
+                vm.resume();
+                paused_for_loss = false;
+            }
+            board.unprotected(Reason::Suspended, false);
+            while !switch.wait_resumed(Duration::from_secs(3600)) {}
+            stop.store(false, Ordering::Relaxed);
+            log::warn!(
+                "protection resumed by the operator: reconnecting to backup {}",
+                p.backup
+            );
+        }
         let conn = rt.block_on(transport::connect(
             p.bind,
             p.backup,
@@ -63,7 +206,7 @@ pub fn protect(
             &p.peer,
             &tcfg,
         ));
-        match conn {
+        let reason = match conn {
             Ok(conn) => {
                 warned = false;
                 if buffer.is_unprotected() {
@@ -79,19 +222,48 @@ pub fn protect(
                     vm.resume();
                     paused_for_loss = false;
                 }
-                match primary.replicate(conn, rt.handle()) {
+                // Incremental when this pipeline already had a backup commit.
+                let incremental = primary.acked_epoch() > 0;
+                board.session_started(p.backup.to_string(), incremental);
+                let end = primary.replicate(conn, rt.handle());
+                match end {
+                    Err(PrimaryError::Stopped) if switch.is_suspended() => continue,
                     Err(PrimaryError::Stopped) => return,
-                    Err(e) => log::error!("replication to {} lost: {e}", p.backup),
-                    Ok(()) => {}
+                    Err(PrimaryError::Refused { message, .. }) => {
+                        log::error!(
+                            "replication to {}: the backup refused this primary: {message}",
+                            p.backup
+                        );
+                        metrics::counter!("castor_backup_losses_total").increment(1);
+                        Reason::BackupRefused { message }
+                    }
+                    Err(e) => {
+                        log::error!("replication to {} lost: {e}", p.backup);
+                        metrics::counter!("castor_backup_losses_total").increment(1);
+                        Reason::BackupLost {
+                            error: e.to_string(),
+                        }
+                    }
+                    Ok(()) => {
+                        metrics::counter!("castor_backup_losses_total").increment(1);
+                        Reason::BackupLost {
+                            error: "the session ended".into(),
+                        }
+                    }
                 }
-                metrics::counter!("castor_backup_losses_total").increment(1);
             }
             Err(e) => {
                 if !warned {
                     log::warn!("cannot reach backup {}: {e}", p.backup);
                     warned = true;
                 }
+                Reason::BackupUnreachable {
+                    error: e.to_string(),
+                }
             }
+        };
+        if switch.is_suspended() {
+            continue;
         }
         match p.on_backup_loss {
             OnBackupLoss::Continue => {
@@ -100,24 +272,22 @@ pub fn protect(
                         "!!! NO BACKUP: running UNPROTECTED (on_backup_loss = \"continue\"); \
                          releasing held output and retrying the backup"
                     );
-                    let released = buffer.set_unprotected(true);
-                    let items: Vec<(u64, Vec<u8>)> =
-                        released.iter().map(|i| (i.seq, i.data.clone())).collect();
-                    if !items.is_empty() {
-                        release.release(0, &items);
-                    }
+                    run_unprotected(&buffer, release.as_ref());
                 }
+                board.unprotected(reason, false);
             }
             OnBackupLoss::Pause => {
                 if !paused_for_loss {
                     log::warn!(
-                        "!!! BACKUP LOST: guest paused until a backup returns (on_backup_loss = \"pause\")"
+                        "!!! BACKUP LOST: guest paused until a backup returns (on_backup_loss = \"pause\"); \
+                         `castor ctl SOCKET suspend` runs it unprotected instead"
                     );
                     vm.pause();
                     paused_for_loss = true;
                 }
+                board.unprotected(reason, true);
             }
         }
-        std::thread::sleep(Duration::from_millis(200));
+        switch.sleep(Duration::from_millis(200));
     }
 }

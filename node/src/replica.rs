@@ -4,7 +4,7 @@
 //! state to restore), on this host.
 
 use crate::mac::MacAddr;
-use crate::net::{open_tap, NetError, NetTxSink};
+use crate::net::{open_tap, NetError, NetTxSink, TapPolicy};
 use crate::sinks::{BufferedSink, SwitchSink, SwitchTxSink};
 use castor_net_buffer::OutputBuffer;
 use castor_replicator::backup::VmFactory;
@@ -24,10 +24,11 @@ pub struct ReplicaNet {
 }
 
 impl ReplicaNet {
-    /// Opens (and brings up) the tap `tap` for a guest at `mac`.
-    pub fn open(tap: &str, mac: MacAddr) -> Result<Self, NetError> {
+    /// Opens (and brings up) the tap `tap` for a guest at `mac` (created
+    /// when missing only if `policy` says so).
+    pub fn open(tap: &str, mac: MacAddr, policy: TapPolicy) -> Result<Self, NetError> {
         Ok(ReplicaNet {
-            tap: Arc::new(open_tap(tap)?),
+            tap: Arc::new(open_tap(tap, policy)?),
             tx: Arc::new(SwitchTxSink::default()),
             mac,
         })

@@ -9,6 +9,7 @@ use crate::net::{drain_stale_frames, TapRelease};
 use crate::protect::{protect, Protection};
 use crate::replica::{ReplicaIo, ReplicaNet};
 use crate::sinks::UdpRelease;
+use crate::status::{Failover, StatusBoard};
 use castor_net_buffer::OutputBuffer;
 use castor_replicator::backup::Takeover;
 use castor_replicator::primary::Release;
@@ -22,8 +23,9 @@ use std::time::Instant;
 #[derive(Debug, Clone)]
 pub struct TakeoverPlan {
     /// Where the guest's records go, as UDP datagrams (a network guest's
-    /// output is its frames: they go to the replica's tap instead).
-    pub release_to: SocketAddr,
+    /// output is its frames: they go to the replica's tap instead, and this
+    /// may be absent).
+    pub release_to: Option<SocketAddr>,
     /// Re-send the committed checkpoint's held output (the old primary may
     /// or may not have released it; duplicates carry their sequence numbers,
     /// and TCP discards duplicate segments).
@@ -57,6 +59,9 @@ impl Detection {
 /// The takeover could not connect the guest's output.
 #[derive(Debug, thiserror::Error)]
 pub enum TakeoverError {
+    /// A record guest, and no `[output] release_to` to send its records to.
+    #[error("the guest's output is records but backup.toml has no [output] release_to: set it to where the primary's records went")]
+    NoRecordTarget,
     /// No UDP socket for the released records.
     #[error("output socket towards {to}: {source}")]
     OutputSocket {
@@ -83,8 +88,8 @@ pub struct TookOver {
 
 impl TookOver {
     /// Re-protects the guest ([`protect`]) until it stops.
-    pub fn protect(self, p: Protection, rt: &tokio::runtime::Runtime) {
-        protect(self.vm, self.buffer, self.release, p, rt)
+    pub fn protect(self, p: Protection, board: &Arc<StatusBoard>, rt: &tokio::runtime::Runtime) {
+        protect(self.vm, self.buffer, self.release, p, board, rt)
     }
 }
 
@@ -93,27 +98,27 @@ impl TakeoverPlan {
     /// while the replica was not running, announces the guest (gratuitous
     /// ARP), re-emits the committed output, connects the replica's sinks
     /// (through a new, unprotected output buffer) and resumes the guest, then
-    /// records the takeover's metrics and log lines.
+    /// records the takeover's metrics, log lines and status (`board`).
     pub fn execute(
         &self,
         t: Takeover,
         io: &ReplicaIo,
         detected: Detection,
+        board: &Arc<StatusBoard>,
     ) -> Result<TookOver, TakeoverError> {
         metrics::gauge!("castor_takeover_detected_unix_seconds").set(detected.unix_seconds);
-        let world: Arc<dyn Release> = match io.net() {
-            Some(n) => Arc::new(TapRelease::new(n.tap.clone())),
-            None => Arc::new(UdpRelease::new(self.release_to).map_err(|source| {
-                TakeoverError::OutputSocket {
-                    to: self.release_to,
-                    source,
-                }
-            })?),
+        let world: Arc<dyn Release> = match (io.net(), self.release_to) {
+            (Some(n), _) => Arc::new(TapRelease::new(n.tap.clone())),
+            (None, None) => return Err(TakeoverError::NoRecordTarget),
+            (None, Some(to)) => Arc::new(
+                UdpRelease::new(to).map_err(|source| TakeoverError::OutputSocket { to, source })?,
+            ),
         };
         let release: Arc<dyn Release> = Arc::new(FirstOutput {
             inner: world,
             since: detected.at,
             seen: AtomicBool::new(false),
+            board: board.clone(),
         });
         if let Some(n) = io.net() {
             let dropped = drain_stale_frames(&n.tap);
@@ -148,12 +153,20 @@ impl TakeoverPlan {
         metrics::gauge!("castor_takeover_epoch").set(t.epoch as f64);
         log::warn!(
             "TAKEOVER complete: resumed from epoch {} (state restore {:?}, detection to resume {:?}); \
-             re-emitted {} held output item(s); running UNPROTECTED",
+             re-emitted {} held output item(s); running UNPROTECTED. This host is now the primary: \
+             start a new `castor backup` for it (or configure [takeover] new_backup)",
             t.epoch,
             t.restore,
             total,
             t.output.items.len()
         );
+        board.took_over(Failover {
+            detected_unix: detected.unix_seconds,
+            from_epoch: t.epoch,
+            restore_ms: t.restore.as_secs_f64() * 1000.0,
+            resume_ms: total.as_secs_f64() * 1000.0,
+            first_output_ms: None,
+        });
         Ok(TookOver {
             vm: t.vm,
             epoch: t.epoch,
@@ -196,6 +209,7 @@ struct FirstOutput {
     inner: Arc<dyn Release>,
     since: Instant,
     seen: AtomicBool,
+    board: Arc<StatusBoard>,
 }
 
 impl Release for FirstOutput {
@@ -204,6 +218,7 @@ impl Release for FirstOutput {
         if !items.is_empty() && !self.seen.swap(true, Ordering::Relaxed) {
             let d = self.since.elapsed();
             metrics::gauge!("castor_takeover_first_output_seconds").set(d.as_secs_f64());
+            self.board.first_output(d.as_secs_f64() * 1000.0);
             log::warn!(
                 "TAKEOVER first output released {d:?} after detection (epoch label {epoch})"
             );

@@ -4,8 +4,10 @@
 //! field checks are `castor_node::config`'s.
 
 pub use castor_node::config::ConfigError;
-use castor_node::config::{self, MetricsSection, OutputSection, TlsFiles, TlsSection, Validator};
-use castor_node::{MacAddr, OnBackupLoss};
+use castor_node::config::{
+    self, ControlSection, MetricsSection, OutputSection, TlsFiles, TlsSection, Validator,
+};
+use castor_node::{MacAddr, OnBackupLoss, TapPolicy};
 use castor_vmm::{DirtierParams, GuestBoot, NetParams, Pattern, VmConfig, Workload};
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -62,9 +64,13 @@ pub struct GuestSection {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetSection {
-    /// This host's tap interface for the guest (opened; created if missing,
-    /// which needs CAP_NET_ADMIN, but then not bridged). Required.
+    /// This host's tap interface for the guest, on the guest's bridge.
+    /// Required. A missing tap is refused unless `create_tap`.
     pub tap: String,
+    /// Create the tap when it is missing (needs CAP_NET_ADMIN; it is then on
+    /// no bridge until you attach it). Default false.
+    #[serde(default)]
+    pub create_tap: bool,
     /// The guest's MAC address. Default "02:ca:57:00:00:02".
     #[serde(default = "default_mac")]
     pub mac: String,
@@ -138,11 +144,15 @@ pub struct File {
     pub replication: ReplicationSection,
     /// `[tls]`.
     pub tls: TlsSection,
-    /// `[output]`.
+    /// `[output]` (`release_to` is for the record guest only).
+    #[serde(default)]
     pub output: OutputSection,
     /// `[metrics]`.
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// `[control]`.
+    #[serde(default)]
+    pub control: ControlSection,
 }
 
 /// A validated configuration.
@@ -160,12 +170,15 @@ pub struct Config {
     pub bind: SocketAddr,
     /// This host's TLS identity and the backup's certificate.
     pub tls: TlsFiles,
-    /// Released output destination.
-    pub release_to: SocketAddr,
+    /// Released records' destination (the record guest; `None` for a
+    /// network guest, whose frames go to its tap).
+    pub release_to: Option<SocketAddr>,
     /// Output cap in bytes.
     pub max_held: usize,
-    /// Metrics endpoint.
+    /// HTTP endpoint (metrics, status, status page).
     pub metrics: Option<SocketAddr>,
+    /// Control socket.
+    pub control: Option<castor_node::control::SocketConfig>,
     /// Backup-loss policy.
     pub on_backup_loss: OnBackupLoss,
     /// The guest's network device (net workload).
@@ -179,6 +192,8 @@ pub struct NetDevice {
     pub tap: String,
     /// The guest's MAC.
     pub mac: MacAddr,
+    /// Create the tap when missing.
+    pub tap_policy: TapPolicy,
 }
 
 fn one() -> u32 {
@@ -276,7 +291,7 @@ impl Config {
 
     /// Validates the text of a config file (`path` for messages and relative paths).
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let f: File = config::parse_toml(text, path)?;
+        let f: File = config::parse_toml(text, path, &["vm", "replication", "tls"])?;
         let v = Validator::new(path);
         let vm = VmConfig {
             vcpus: f.vm.vcpus,
@@ -303,6 +318,11 @@ impl Config {
                 net = Some(NetDevice {
                     tap: n.tap.clone(),
                     mac,
+                    tap_policy: if n.create_tap {
+                        TapPolicy::Create
+                    } else {
+                        TapPolicy::MustExist
+                    },
                 });
                 net_params = Some(NetParams {
                     ip,
@@ -385,9 +405,12 @@ impl Config {
             backup: r.backup,
             bind: r.bind,
             tls: f.tls.resolve(&v),
-            release_to: f.output.release_to,
+            release_to: f
+                .output
+                .records_to(&v, net.as_ref().map(|n| n.tap.as_str()))?,
             max_held: f.output.max_held_bytes(&v)?,
             metrics: f.metrics.listen,
+            control: f.control.resolve(&v, "primary"),
             on_backup_loss,
             net,
         })
@@ -483,6 +506,42 @@ mod tests {
         assert_eq!(
             field(parse("", "[guest]\nworkload = \"disk\"\n").unwrap_err()),
             "guest.workload"
+        );
+    }
+
+    #[test]
+    fn output_applies_to_the_record_guest_only() {
+        let no_output = "[vm]\n[replication]\nbackup = \"127.0.0.1:7400\"\n\
+            [tls]\ncert = \"p.crt\"\nkey = \"p.key\"\npeer_cert = \"b.crt\"\n";
+        let p = Path::new("/etc/castor/primary.toml");
+        // A network guest needs no [output] at all.
+        let c = Config::parse(
+            &format!("{no_output}[guest]\nworkload = \"net\"\n[net]\ntap = \"tap0\"\n"),
+            p,
+        )
+        .unwrap();
+        assert_eq!(c.release_to, None);
+        assert_eq!(c.net.unwrap().tap_policy, TapPolicy::MustExist);
+        assert_eq!(
+            c.control.map(|s| s.path),
+            Some(std::path::PathBuf::from("/run/castor/primary.sock"))
+        );
+        // The record guest does, and says so by field.
+        match Config::parse(no_output, p) {
+            Err(ConfigError::Invalid { field, .. }) => assert_eq!(field, "output.release_to"),
+            other => panic!("{other:?}"),
+        }
+        // A missing section is named, not "missing field at line 1 column 1".
+        let e = Config::parse("[vm]\n", p).unwrap_err();
+        assert!(
+            e.to_string().contains("[replication] section is missing"),
+            "{e}"
+        );
+        let c = parse("", "[guest]\nworkload = \"net\"\n[net]\ntap = \"t\"\ncreate_tap = true\n[control]\nsocket = \"ctl.sock\"\n").unwrap();
+        assert_eq!(c.net.unwrap().tap_policy, TapPolicy::Create);
+        assert_eq!(
+            c.control.map(|s| s.path),
+            Some(std::path::PathBuf::from("/etc/castor/ctl.sock"))
         );
     }
 

@@ -8,7 +8,8 @@ pub mod config;
 
 use castor_net_buffer::OutputBuffer;
 use castor_node::{
-    open_tap, BufferedSink, NetError, NetTxSink, Protection, TapRelease, UdpRelease,
+    open_tap, BufferedSink, NetError, NetTxSink, Protection, Role, StatusBoard, TapRelease,
+    UdpRelease,
 };
 use castor_replicator::primary::Release;
 use castor_vmm::devices::{NetConfig, VirtioNet};
@@ -37,11 +38,22 @@ pub enum DaemonError {
     /// The guest's network device.
     #[error("network device: {0}")]
     Net(#[from] NetError),
+    /// A record guest without `[output] release_to` (validated by
+    /// `Config::parse`; a hand-built `Config` can still lack it).
+    #[error("the record guest needs [output] release_to")]
+    NoRecordTarget,
 }
 
 /// Runs the primary until killed (or until the guest stops).
 pub fn run(cfg: Config) -> Result<(), DaemonError> {
-    let rt = castor_node::daemon_runtime(cfg.metrics)?;
+    let board = StatusBoard::new(Role::Primary);
+    run_with(cfg, &board)
+}
+
+/// [`run`], reporting to `board`.
+pub fn run_with(cfg: Config, board: &Arc<StatusBoard>) -> Result<(), DaemonError> {
+    let rt = castor_node::daemon_runtime()?;
+    castor_node::start_endpoints(&rt, board, cfg.metrics, cfg.control.as_ref())?;
     let identity = cfg.tls.identity()?;
     let peer = cfg.tls.peer()?;
     let buffer = Arc::new(OutputBuffer::new(
@@ -49,17 +61,19 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     ));
     let (vm, release) = match &cfg.net {
         None => {
-            let release: Arc<dyn Release> = Arc::new(UdpRelease::new(cfg.release_to)?);
+            let to = cfg.release_to.ok_or(DaemonError::NoRecordTarget)?;
+            let release: Arc<dyn Release> = Arc::new(UdpRelease::new(to)?);
             let sink = Arc::new(BufferedSink {
                 buffer: buffer.clone(),
                 release: release.clone(),
             });
+            log::info!("guest records released to udp://{to}");
             (Arc::new(Vm::new(&cfg.vm, sink)?), release)
         }
         Some(dev) => {
             // The net guest's output is its frames: held in the buffer,
-            // released to this host's tap (`[output] release_to` is unused).
-            let tap = Arc::new(open_tap(&dev.tap)?);
+            // released to this host's tap.
+            let tap = Arc::new(open_tap(&dev.tap, dev.tap_policy)?);
             let release: Arc<dyn Release> = Arc::new(TapRelease::new(tap.clone()));
             let vm = Arc::new(Vm::new(&cfg.vm, Arc::new(castor_vmm::NullSink))?);
             vm.devices()
@@ -75,10 +89,11 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
     };
     vm.boot(&cfg.boot)?;
     log::info!(
-        "guest booted: {} vCPU(s), {} MiB, dirty tracking {}",
+        "guest booted: {} vCPU(s), {} MiB, dirty tracking {}; replicating to backup {}",
         cfg.vm.vcpus,
         cfg.vm.mem_bytes >> 20,
-        vm.dirty_backend().map_or("none".into(), |b| b.to_string())
+        vm.dirty_backend().map_or("none".into(), |b| b.to_string()),
+        cfg.backup
     );
     vm.resume();
     castor_node::protect(
@@ -93,7 +108,9 @@ pub fn run(cfg: Config) -> Result<(), DaemonError> {
             pipeline: cfg.pipeline.clone(),
             on_backup_loss: cfg.on_backup_loss,
         },
+        board,
         &rt,
     );
+    castor_node::systemd::notify_stopping();
     Ok(())
 }
