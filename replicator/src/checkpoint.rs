@@ -457,6 +457,9 @@ pub struct Replica {
     committed: Option<Vec<Checked>>,
     /// Whether this session's first commit has been proven restorable.
     proven: bool,
+    /// A memory verification failed: the replica no longer equals a
+    /// checkpoint; it can neither be taken over nor resynced incrementally.
+    diverged: bool,
     staging_pages: Vec<u64>,
     staging: Vec<u8>,
 }
@@ -475,6 +478,7 @@ impl Replica {
             any_next: true,
             committed: None,
             proven: false,
+            diverged: false,
             staging_pages: Vec::new(),
             staging: Vec::new(),
         }
@@ -504,14 +508,33 @@ impl Replica {
         self.proven = false;
     }
 
+    /// Whether this session's first commit is still to come (nothing
+    /// committed since the last `Hello`).
+    pub fn session_uncommitted(&self) -> bool {
+        !self.proven
+    }
+
     /// Whether `epoch` is the one to commit next.
     pub fn is_next(&self, epoch: u64) -> bool {
         epoch > self.committed_epoch && (self.any_next || epoch == self.committed_epoch + 1)
     }
 
-    /// Whether a checkpoint has been committed (the replica can take over).
+    /// Whether a checkpoint has been committed and the replica still equals
+    /// it (the replica can take over).
     pub fn has_state(&self) -> bool {
-        self.committed.is_some()
+        self.committed.is_some() && !self.diverged
+    }
+
+    /// Whether a memory verification found the replica diverged from the
+    /// primary (only a full resync repairs it).
+    pub fn is_diverged(&self) -> bool {
+        self.diverged
+    }
+
+    /// The replica's memory (test-only fault injection writes here).
+    #[cfg(feature = "fault-injection")]
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
     }
 
     /// Restores the committed checkpoint into the replica's parts (the VM
@@ -691,6 +714,7 @@ impl Replica {
         let mut memory_verified = false;
         if let Some(want) = end.memory_digest {
             if digest(&self.mem) != want {
+                self.diverged = true;
                 return Err(CheckpointError::MemoryMismatch { epoch });
             }
             memory_verified = true;

@@ -6,7 +6,7 @@
 
 use castor_net_buffer::OutputBuffer;
 use castor_node::BufferedSink;
-use castor_replicator::backup::{Backup, BackupConfig, SessionEnd};
+use castor_replicator::backup::{Backup, BackupConfig, BackupFault, SessionEnd};
 use castor_replicator::primary::{Fault, Primary, PrimaryConfig, PrimaryError, Release};
 use castor_replicator::transport::{self, Identity, TransportConfig};
 use castor_tests::require_kvm;
@@ -57,6 +57,8 @@ struct Params {
     fault: Option<(u64, Fault)>,
     /// Protocol versions the primary offers.
     protocol: castor_parts::VersionRange,
+    /// A fault the backup injects into itself.
+    backup_fault: Option<BackupFault>,
 }
 
 fn run_pair(p: Params) -> Outcome {
@@ -86,6 +88,7 @@ fn run_pair(p: Params) -> Outcome {
     let done = Arc::new(AtomicBool::new(false));
 
     // The backup: serves sessions until told to stop.
+    let backup_fault = p.backup_fault;
     let backup_thread = {
         let (committed, commits, done) = (committed.clone(), commits.clone(), done.clone());
         std::thread::spawn(move || {
@@ -97,6 +100,7 @@ fn run_pair(p: Params) -> Outcome {
             let mut backup = Backup::new(
                 BackupConfig {
                     peer_timeout: Duration::from_secs(3),
+                    fault: backup_fault,
                     ..Default::default()
                 },
                 Box::new(move |shape| {
@@ -289,6 +293,7 @@ fn clean_run_with(
         epochs: 200,
         fault: None,
         protocol,
+        backup_fault: None,
     });
     assert!(o.acked >= 200, "only {} epochs acknowledged", o.acked);
     assert_eq!(o.verify_failures, 0, "memory verification failed");
@@ -333,6 +338,7 @@ fn fault_run(fault: Fault, expect_reject: bool) {
         epochs: 120,
         fault: Some((40, fault)),
         protocol: castor_replicator::wire::PROTOCOL_VERSIONS,
+        backup_fault: None,
     });
     assert!(
         o.acked >= 120,
@@ -386,4 +392,88 @@ fn duplicated_frame_is_rejected_and_the_pair_resyncs() {
 #[test]
 fn reordered_frames_are_tolerated_and_verified() {
     fault_run(Fault::Reorder, false);
+}
+
+/// The link dies twice in a row before an incremental resync commits (the
+/// backup fails the next two resumed sessions before their first commit):
+/// the pair still converges incrementally, every commit verified. (Before the
+/// fix the primary counted the dead session's epochs as acked and fell back
+/// to a full sync the backup refused, forever.)
+#[test]
+fn two_failures_before_a_resync_commits_converge() {
+    let o = run_pair(Params {
+        vcpus: 1,
+        rate: 20 << 20,
+        tracking: DirtyTracking::Bitmap,
+        epochs: 200,
+        fault: Some((40, Fault::Truncate)),
+        protocol: castor_replicator::wire::PROTOCOL_VERSIONS,
+        backup_fault: Some(BackupFault::FailResumes(2)),
+    });
+    let injected = o
+        .sessions
+        .iter()
+        .filter(|s| s.contains("injected fault"))
+        .count();
+    assert_eq!(injected, 2, "sessions: {:?}", o.sessions);
+    assert!(
+        o.acked >= 200,
+        "only {} epochs acknowledged: {:?}",
+        o.acked,
+        o.primary_errors
+    );
+    assert_eq!(o.verify_failures, 0);
+    assert!(o.verified >= 150, "only {} verified commits", o.verified);
+    assert!(
+        !o.sessions
+            .iter()
+            .any(|s| s.contains("pre-copy pages after the first commit")),
+        "the primary fell back to a full sync: {:?}",
+        o.sessions
+    );
+    check_released(&o);
+}
+
+/// A replica page corrupted behind the pipeline's back: the next commit's
+/// memory digest mismatches, that epoch is never acked, the replica is
+/// marked diverged and replaced by a full resync, after which every commit
+/// verifies again.
+#[test]
+fn a_diverged_replica_is_never_acked_and_is_fully_resynced() {
+    let o = run_pair(Params {
+        vcpus: 1,
+        rate: 20 << 20,
+        tracking: DirtyTracking::Bitmap,
+        epochs: 200,
+        fault: None,
+        protocol: castor_replicator::wire::PROTOCOL_VERSIONS,
+        backup_fault: Some(BackupFault::CorruptPage {
+            epoch: 50,
+            page: 300,
+        }),
+    });
+    assert_eq!(o.verify_failures, 1, "sessions: {:?}", o.sessions);
+    assert!(
+        !o.commits.contains(&50),
+        "the diverged epoch was logged as committed"
+    );
+    assert!(
+        o.sessions.iter().any(|s| s.contains("digest differs")),
+        "sessions: {:?}",
+        o.sessions
+    );
+    assert!(
+        o.acked >= 200,
+        "only {} epochs acknowledged: {:?}",
+        o.acked,
+        o.primary_errors
+    );
+    let after: Vec<u64> = o.commits.iter().copied().filter(|&e| e > 50).collect();
+    assert!(
+        after.len() >= 100,
+        "only {} commits after the resync",
+        after.len()
+    );
+    assert!(o.verified >= 100);
+    check_released(&o);
 }

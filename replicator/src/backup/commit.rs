@@ -71,6 +71,33 @@ impl Backup {
             let Some(asm) = pending.remove(&first) else {
                 break;
             };
+            #[cfg(feature = "fault-injection")]
+            if let Some(f) = self.cfg.fault {
+                match f {
+                    BackupFault::CorruptPage { epoch, page } if epoch == first => {
+                        use vm_memory::{Bytes, GuestAddress};
+                        let at = GuestAddress(page * wire::PAGE_SIZE as u64);
+                        let mut b = [0u8; 1];
+                        let mem = replica.memory();
+                        if mem.read_slice(&mut b, at).is_ok() {
+                            let _ = mem.write_slice(&[b[0] ^ 0xff], at);
+                        }
+                        log::warn!(
+                            "fault injection: corrupted replica page {page} before epoch {epoch}"
+                        );
+                    }
+                    BackupFault::FailResumes(n)
+                        if n > 0
+                            && replica.session_uncommitted()
+                            && replica.committed_epoch() > 0 =>
+                    {
+                        self.cfg.fault = Some(BackupFault::FailResumes(n - 1));
+                        log::warn!("fault injection: failing a resumed session before epoch {first} commits");
+                        return Err(BackupError::Injected(f));
+                    }
+                    _ => {}
+                }
+            }
             let t = Instant::now();
             let info = match replica.commit(&asm, memory_digest) {
                 Ok(info) => info,

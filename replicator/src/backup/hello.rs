@@ -80,9 +80,13 @@ impl Backup {
             Err(e) => return Self::refused(&conn, &mut ctl_tx, e.into()).await,
         };
         let shape = manifest.shape();
+        // A diverged replica is never resumed: the primary gets a new session
+        // (a full sync) in this backup's Hello.
+        let diverged = self.replica.as_ref().is_some_and(Replica::is_diverged);
         let same_session = h.session_id == self.session_id
             && self.machine.as_ref().is_some_and(|m| m.vm.shape() == shape)
-            && self.committed_epoch() > 0;
+            && self.committed_epoch() > 0
+            && !diverged;
         // Validate against a candidate machine; the committed replica (if
         // any) is kept untouched until the manifest is accepted.
         let candidate = if same_session {
@@ -115,6 +119,12 @@ impl Backup {
             }
             let m = self.machine.as_ref().ok_or(BackupError::NoReplica)?;
             self.replica = Some(Replica::new(m.vm.memory().clone(), &shape, m.parts.clone()));
+            // A replica that diverged is replaced: the fresh one answers
+            // with committed epoch 0, so the primary synchronises fully.
+            if diverged {
+                log::error!("the replica diverged from the primary: full resynchronisation");
+                metrics::counter!("castor_backup_full_resyncs_total").increment(1);
+            }
             self.session_id = h.session_id;
         } else {
             log::info!(

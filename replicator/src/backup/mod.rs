@@ -85,6 +85,10 @@ pub enum BackupError {
     /// A frame did not decode.
     #[error("malformed frame: {0}")]
     Malformed(crate::wire::WireError),
+    /// A fault this backup injected into itself (testing only).
+    #[cfg(feature = "fault-injection")]
+    #[error("injected fault: {0:?}")]
+    Injected(BackupFault),
     /// The VMM failed.
     #[error("vmm: {0}")]
     Vmm(#[from] castor_vmm::Error),
@@ -141,6 +145,28 @@ pub struct BackupConfig {
     /// Deadline of each phase before the data stream (control stream,
     /// Hello, data stream): a stalled peer cannot hold a session open.
     pub handshake_timeout: Duration,
+    /// Testing only: faults this backup injects into itself.
+    #[cfg(feature = "fault-injection")]
+    pub fault: Option<BackupFault>,
+}
+
+/// Faults a backup injects into itself, to test the fault paths (feature
+/// `fault-injection`; never in a production build).
+#[cfg(feature = "fault-injection")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackupFault {
+    /// Flip one byte of replica page `page` just before committing `epoch`
+    /// (which must carry a memory digest): a diverged replica.
+    CorruptPage {
+        /// The epoch.
+        epoch: u64,
+        /// The page.
+        page: u64,
+    },
+    /// End the next `n` sessions that resume incrementally, each when its
+    /// first checkpoint is complete and before it commits (the link dying
+    /// twice in a row before a resync commits).
+    FailResumes(u32),
 }
 
 impl Default for BackupConfig {
@@ -152,6 +178,8 @@ impl Default for BackupConfig {
             max_epochs_buffered: 16,
             protocol: PROTOCOL_VERSIONS,
             handshake_timeout: Duration::from_secs(5),
+            #[cfg(feature = "fault-injection")]
+            fault: None,
         }
     }
 }
