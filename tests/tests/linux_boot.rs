@@ -34,6 +34,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const MEM: u64 = 256 << 20;
+
+/// One emulated kernel at a time: two would share this machine's 2 cores and
+/// each take twice as long.
+static ONE_KERNEL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_kernel() -> std::sync::MutexGuard<'static, ()> {
+    ONE_KERNEL.lock().unwrap_or_else(|e| e.into_inner())
+}
 /// How long the kernel may take to print its banner (~35 s unloaded here).
 const BANNER_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a few more console lines may take.
@@ -168,6 +176,7 @@ fn timestamp(line: &str) -> Option<f64> {
 fn linux_banner_command_line_and_e820_are_castors() {
     require_kvm();
     let kit = kit();
+    let _one = one_kernel();
     let vm = new_vm();
     let tag: u32 = rand::thread_rng().gen();
     let cmdline = format!(
@@ -289,6 +298,7 @@ fn assert_same_continuation(
 fn linux_capture_restore_prints_the_same_next_lines() {
     require_kvm();
     let kit = kit();
+    let _one = one_kernel();
     let a = new_vm();
     boot_kit(&a, &kit, LinuxBoot::DEFAULT_CMDLINE);
     a.resume();
@@ -475,6 +485,7 @@ fn linux_boot_path_reports_an_emulation_failure_clearly() {
 fn linux_runs_until_the_emulator_stops_it_and_a_restore_does_the_same() {
     require_kvm();
     let kit = kit();
+    let _one = one_kernel();
     let a = new_vm();
     boot_kit(&a, &kit, LinuxBoot::DEFAULT_CMDLINE);
     let started = Instant::now();
