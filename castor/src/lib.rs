@@ -4,9 +4,10 @@
 
 pub mod cli;
 pub mod cluster;
+pub mod counter;
 mod daemons;
 mod demo;
-mod drill;
+pub mod drill;
 pub mod observe;
 mod run;
 pub mod status;
