@@ -34,6 +34,11 @@ pub struct DemoArgs {
     /// Keep the temporary directory (keys, configs, logs, commit log).
     #[arg(long)]
     pub keep: bool,
+    /// The networked guest (root): taps and bridges in network namespaces
+    /// this command makes and removes, and a TCP client of the guest's
+    /// counter service whose stream goes on through the SIGKILL.
+    #[arg(long)]
+    pub network: bool,
 }
 
 struct Tail {
@@ -130,6 +135,9 @@ impl Status {
 
 /// Runs the demo.
 pub fn demo(a: &DemoArgs) -> Result<(), String> {
+    if a.network {
+        return crate::netdemo::demo(a.kill_after, a.watch_after, a.epoch_ms, a.keep);
+    }
     observe::install_interrupt_handler();
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
     let obs = Observer::bind(SocketAddr::from(([127, 0, 0, 1], 0))).map_err(|e| e.to_string())?;
