@@ -8,7 +8,7 @@ pub mod counter;
 mod daemons;
 mod demo;
 pub mod drill;
-mod netdemo;
+pub mod netdemo;
 pub mod observe;
 mod run;
 pub mod status;

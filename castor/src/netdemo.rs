@@ -10,7 +10,8 @@
 //!
 //! The guest (10.99.0.2) serves its TCP counter on port 7000; a client in C
 //! reads the stream while the primary is SIGKILLed, and the stream goes on
-//! from the backup with no reset, gap or duplicate.
+//! from the backup with no reset, gap or duplicate. [`Topology`] is public
+//! for the drill test (`tests/tests/drill.rs`).
 
 use crate::cluster::die_with_parent;
 use crate::counter::CounterClient;
@@ -22,8 +23,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const LAN_HOST: &str = "10.99.0.1/24";
-const GUEST_IP: [u8; 4] = [10, 99, 0, 2];
-const PORT: u16 = 7000;
+/// The guest's address on the LAN.
+pub const GUEST_IP: [u8; 4] = [10, 99, 0, 2];
+/// Its counter service's port.
+pub const PORT: u16 = 7000;
 
 /// Runs `ip ARGS`, failing with its stderr.
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -42,11 +45,15 @@ fn ip(args: &[&str]) -> Result<(), String> {
 }
 
 /// The namespaces and files of the demo; removed on drop.
-struct Topology {
-    a: String,
-    b: String,
-    c: String,
-    dir: PathBuf,
+pub struct Topology {
+    /// The primary's host (namespace name).
+    pub a: String,
+    /// The backup's host.
+    pub b: String,
+    /// The client's host, on the LAN bridge.
+    pub c: String,
+    /// Keys, configs, logs, control sockets.
+    pub dir: PathBuf,
     keep: bool,
     made: Vec<String>,
 }
@@ -63,8 +70,10 @@ impl Drop for Topology {
 }
 
 impl Topology {
-    fn new(keep: bool) -> Result<Topology, String> {
-        let id = format!("cdemo{}", std::process::id() % 100_000);
+    /// Makes the namespaces, bridges, taps, the replication link and keys
+    /// (`tag` keeps the names of concurrent users apart).
+    pub fn new(tag: &str, keep: bool) -> Result<Topology, String> {
+        let id = format!("c{tag}{}", std::process::id() % 100_000);
         let dir = std::env::temp_dir().join(format!("castor-{id}"));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let mut t = Topology {
@@ -114,7 +123,8 @@ impl Topology {
         Ok(t)
     }
 
-    fn write_configs(&self, epoch_ms: u64) -> Result<(PathBuf, PathBuf), String> {
+    /// Writes primary.toml and backup.toml (control sockets in the directory).
+    pub fn write_configs(&self, epoch_ms: u64) -> Result<(PathBuf, PathBuf), String> {
         let primary = format!(
             "[vm]\nvcpus = 1\nmemory = \"64M\"\n\n\
              [guest]\nworkload = \"net\"\n\n\
@@ -137,11 +147,11 @@ impl Topology {
         Ok((p, b))
     }
 
-    fn spawn(&self, ns: &str, role: &str, config: &Path) -> Result<Child, String> {
+    /// Starts `exe ROLE --config CONFIG` in the namespace `ns` (log: ROLE.log).
+    pub fn spawn(&self, exe: &Path, ns: &str, role: &str, config: &Path) -> Result<Child, String> {
         let log = self.dir.join(format!("{role}.log"));
         let out = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
         let err = out.try_clone().map_err(|e| e.to_string())?;
-        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", ns])
             .arg(exe)
@@ -200,7 +210,8 @@ pub fn demo(kill_after: f64, watch_after: f64, epoch_ms: u64, keep: bool) -> Res
         );
     }
     observe::install_interrupt_handler();
-    let t = Topology::new(keep)?;
+    let t = Topology::new("demo", keep)?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let (pc, bc) = t.write_configs(epoch_ms)?;
     println!(
         "namespaces {} (primary), {} (backup), {} (client); files in {}",
@@ -211,9 +222,9 @@ pub fn demo(kill_after: f64, watch_after: f64, epoch_ms: u64, keep: bool) -> Res
     );
     let psock = t.dir.join("primary.sock");
     let bsock = t.dir.join("backup.sock");
-    let mut backup = t.spawn(&t.b, "backup", &bc)?;
+    let mut backup = t.spawn(&exe, &t.b, "backup", &bc)?;
     std::thread::sleep(Duration::from_millis(500));
-    let mut primary = t.spawn(&t.a, "primary", &pc)?;
+    let mut primary = t.spawn(&exe, &t.a, "primary", &pc)?;
     let start = Instant::now();
     loop {
         if crate::status::fetch_socket(&psock)
