@@ -100,6 +100,24 @@ pub enum CheckpointError {
         /// The cap.
         cap: usize,
     },
+    /// An epoch names more pages than the guest has.
+    #[error("epoch {epoch} carries {pages} page entries for a guest of {guest_pages} pages")]
+    TooManyPages {
+        /// The epoch.
+        epoch: u64,
+        /// Entries announced.
+        pages: u64,
+        /// Pages in the guest.
+        guest_pages: u64,
+    },
+    /// A page twice in one epoch.
+    #[error("epoch {epoch} carries page {page} twice")]
+    DuplicatePage {
+        /// The epoch.
+        epoch: u64,
+        /// The page.
+        page: u64,
+    },
     /// A page lies outside guest memory.
     #[error("page {page} is outside guest memory ({pages} pages)")]
     PageOutOfRange {
@@ -462,7 +480,13 @@ pub struct Replica {
     diverged: bool,
     staging_pages: Vec<u64>,
     staging: Vec<u8>,
+    /// One bit per guest page: which pages the epoch being decoded has
+    /// already carried (duplicates are refused).
+    seen: Vec<u64>,
 }
+
+/// Staging kept between epochs; a larger buffer is given back after use.
+const STAGING_KEEP: usize = 64 << 20;
 
 impl Replica {
     /// A replica over `mem` (a paused VM's memory) of the given shape, whose
@@ -481,6 +505,7 @@ impl Replica {
             diverged: false,
             staging_pages: Vec::new(),
             staging: Vec::new(),
+            seen: Vec::new(),
         }
     }
 
@@ -643,6 +668,17 @@ impl Replica {
             });
         }
         let end = asm.end.ok_or(CheckpointError::Incomplete { epoch })?;
+        // Staging costs 4 KiB per entry whatever an entry costs on the wire
+        // (a zero page is 11 bytes): bound it by the guest's size, no page twice.
+        if end.page_count > self.pages {
+            return Err(CheckpointError::TooManyPages {
+                epoch,
+                pages: end.page_count,
+                guest_pages: self.pages,
+            });
+        }
+        self.seen.clear();
+        self.seen.resize(self.pages.div_ceil(64) as usize, 0);
         // 1. Decode and check everything, against the committed replica.
         self.staging_pages.clear();
         self.staging.clear();
@@ -655,6 +691,14 @@ impl Replica {
                 BodyRef::PageBatch(batch) => {
                     for entry in batch.iter() {
                         self.decode_onto_replica(&entry, &mut page)?;
+                        let (w, b) = ((entry.page_number / 64) as usize, entry.page_number % 64);
+                        if self.seen[w] & (1 << b) != 0 {
+                            return Err(CheckpointError::DuplicatePage {
+                                epoch,
+                                page: entry.page_number,
+                            });
+                        }
+                        self.seen[w] |= 1 << b;
                         self.staging_pages.push(entry.page_number);
                         self.staging.extend_from_slice(&page[..]);
                     }
@@ -711,6 +755,12 @@ impl Replica {
         self.committed_epoch = epoch;
         self.any_next = false;
         self.proven = true;
+        let pages = self.staging_pages.len() as u64;
+        if self.staging.capacity() > STAGING_KEEP && self.staging.len() < STAGING_KEEP {
+            // A large epoch (a resync) is over: give its staging back.
+            self.staging = Vec::new();
+            self.staging_pages = Vec::new();
+        }
         let mut memory_verified = false;
         if let Some(want) = end.memory_digest {
             if digest(&self.mem) != want {
@@ -721,7 +771,7 @@ impl Replica {
         }
         Ok(CommitInfo {
             epoch,
-            pages: self.staging_pages.len() as u64,
+            pages,
             memory_verified,
             proven: proving,
         })

@@ -367,3 +367,41 @@ fn frames_restamped_to_the_previous_version_commit_the_same() {
     assert_eq!(r.snapshot().1, 1);
     assert_eq!(r.page(1), 0x77);
 }
+
+/// Staging costs 4 KiB per page entry whatever the entry costs on the wire:
+/// a page twice in one epoch is refused, and so is an epoch announcing more
+/// entries than the guest has pages; the replica stays as it was.
+#[test]
+fn duplicate_pages_and_oversized_epochs_are_refused() {
+    let mut r = committed_once();
+    let before = r.snapshot();
+    let (d, e) = r.epoch(2, &[3, 4, 3], 0x22, [6, 8]);
+    let asm = r.assemble(2, &[d, e].concat());
+    assert!(matches!(
+        r.commit(&asm),
+        Err(CheckpointError::DuplicatePage { page: 3, .. })
+    ));
+    assert_eq!(r.snapshot(), before);
+    // 4097 zero-page entries for a 4096-page guest (pages cycle, so some
+    // repeat; the count alone is refused before anything is decoded).
+    let many: Vec<u64> = (0..4097).map(|i| i % 4096).collect();
+    let staged = StagedEpoch {
+        epoch: 2,
+        pages: many.clone(),
+        data: vec![0; many.len() * 4096],
+        sections: r
+            .primary_parts
+            .iter()
+            .map(|p| (p.id, p.stage().unwrap()))
+            .collect(),
+        memory_digest: None,
+    };
+    let (mut d, mut e) = (Vec::new(), Vec::new());
+    r.encoder.encode_epoch(&staged, &mut d, &mut e).unwrap();
+    let asm = r.assemble(2, &[d, e].concat());
+    assert!(matches!(
+        r.commit(&asm),
+        Err(CheckpointError::TooManyPages { pages: 4097, .. })
+    ));
+    assert_eq!(r.snapshot(), before);
+}

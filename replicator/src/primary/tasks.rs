@@ -125,8 +125,10 @@ pub(super) async fn ack_task(
         match frame.body {
             Body::Ack => {
                 let e = frame.epoch;
-                let mut acked = board.acked.lock().unwrap_or_else(|e| e.into_inner());
-                if e <= *acked {
+                // Acks arrive in order on this one task: check, then release
+                // without holding the flow-control lock (a slow write must
+                // never stall the epoch thread's next pause).
+                if e <= *board.acked.lock().unwrap_or_else(|e| e.into_inner()) {
                     continue;
                 }
                 // Write out first, then drop from the buffer: until written,
@@ -144,7 +146,10 @@ pub(super) async fn ack_task(
                     return;
                 }
                 board.committed.fetch_max(e, Ordering::AcqRel);
-                *acked = e;
+                {
+                    let mut acked = board.acked.lock().unwrap_or_else(|e| e.into_inner());
+                    *acked = (*acked).max(e);
+                }
                 status.acked.store(e, Ordering::Relaxed);
                 status.protected.store(true, Ordering::Relaxed);
                 let mut sent = board.sent_at.lock().unwrap_or_else(|e| e.into_inner());
