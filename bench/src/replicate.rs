@@ -280,7 +280,7 @@ fn check_vcpus(vm: &Vm, what: &str) -> Result<(), String> {
 struct Discard;
 
 impl Release for Discard {
-    fn release(&self, _epoch: u64, _items: &[(u64, Vec<u8>)]) {}
+    fn release(&self, _epoch: u64, _items: &[castor_net_buffer::HeldItem]) {}
 }
 
 #[derive(Clone)]

@@ -132,7 +132,13 @@ impl TxSink for NetTxSink {
         match self.buffer.try_push(frame.to_vec()) {
             Ok(Pushed::Held(_)) => TxOutcome::Sent,
             Ok(Pushed::PassThrough(item)) => {
-                self.release.release(0, &[(item.seq, item.data)]);
+                self.release.release(
+                    0,
+                    &[castor_net_buffer::HeldItem {
+                        seq: item.seq,
+                        data: item.data,
+                    }],
+                );
                 TxOutcome::Sent
             }
             Err(PushError::Full(_)) => TxOutcome::Full,
@@ -180,9 +186,9 @@ impl TapRelease {
 }
 
 impl Release for TapRelease {
-    fn release(&self, _epoch: u64, items: &[(u64, Vec<u8>)]) {
-        for (_, frame) in items {
-            self.send(frame);
+    fn release(&self, _epoch: u64, items: &[castor_net_buffer::HeldItem]) {
+        for item in items {
+            self.send(&item.data);
         }
         metrics::counter!("castor_released_frames_total").increment(items.len() as u64);
     }

@@ -146,7 +146,13 @@ impl ProtectSwitch {
 fn run_unprotected(buffer: &OutputBuffer, release: &dyn Release) {
     if !buffer.is_unprotected() {
         let released = buffer.set_unprotected(true);
-        let items: Vec<(u64, Vec<u8>)> = released.iter().map(|i| (i.seq, i.data.clone())).collect();
+        let items: Vec<castor_net_buffer::HeldItem> = released
+            .iter()
+            .map(|i| castor_net_buffer::HeldItem {
+                seq: i.seq,
+                data: i.data.clone(),
+            })
+            .collect();
         if !items.is_empty() {
             release.release(0, &items);
         }

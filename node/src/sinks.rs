@@ -29,7 +29,13 @@ impl OutputSink for BufferedSink {
         match self.buffer.try_push(r.to_bytes().to_vec()) {
             Ok(Pushed::Held(_)) => Emit::Accepted,
             Ok(Pushed::PassThrough(item)) => {
-                self.release.release(0, &[(item.seq, item.data)]);
+                self.release.release(
+                    0,
+                    &[castor_net_buffer::HeldItem {
+                        seq: item.seq,
+                        data: item.data,
+                    }],
+                );
                 Emit::Accepted
             }
             Err(PushError::Full(_)) => Emit::Busy,
@@ -62,9 +68,9 @@ impl UdpRelease {
 }
 
 impl Release for UdpRelease {
-    fn release(&self, epoch: u64, items: &[(u64, Vec<u8>)]) {
+    fn release(&self, epoch: u64, items: &[castor_net_buffer::HeldItem]) {
         let mut buf = Vec::with_capacity(64);
-        for (seq, data) in items {
+        for castor_net_buffer::HeldItem { seq, data } in items {
             buf.clear();
             buf.extend_from_slice(&seq.to_le_bytes());
             buf.extend_from_slice(&epoch.to_le_bytes());

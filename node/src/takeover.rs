@@ -213,7 +213,7 @@ struct FirstOutput {
 }
 
 impl Release for FirstOutput {
-    fn release(&self, epoch: u64, items: &[(u64, Vec<u8>)]) {
+    fn release(&self, epoch: u64, items: &[castor_net_buffer::HeldItem]) {
         self.inner.release(epoch, items);
         if !items.is_empty() && !self.seen.swap(true, Ordering::Relaxed) {
             let d = self.since.elapsed();

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 struct Discard;
 impl Release for Discard {
-    fn release(&self, _epoch: u64, _items: &[(u64, Vec<u8>)]) {}
+    fn release(&self, _epoch: u64, _items: &[castor_net_buffer::HeldItem]) {}
 }
 
 #[test]

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 struct Drop0;
 impl Release for Drop0 {
-    fn release(&self, _epoch: u64, _items: &[(u64, Vec<u8>)]) {}
+    fn release(&self, _epoch: u64, _items: &[castor_net_buffer::HeldItem]) {}
 }
 
 static TAPS: AtomicU32 = AtomicU32::new(0);

@@ -25,11 +25,11 @@ struct Stuck {
 }
 
 impl Release for Stuck {
-    fn release(&self, epoch: u64, items: &[(u64, Vec<u8>)]) {
+    fn release(&self, epoch: u64, items: &[castor_net_buffer::HeldItem]) {
         let first = {
             let mut b = self.blocked.lock().unwrap();
             if b.is_none() && !items.is_empty() {
-                *b = Some((epoch, items.iter().map(|(s, _)| *s).collect()));
+                *b = Some((epoch, items.iter().map(|i| i.seq).collect()));
                 true
             } else {
                 false
@@ -101,7 +101,7 @@ fn output_stuck_between_ack_and_write_is_reemitted_by_the_takeover() {
                 .take_over()
                 .expect("a committed checkpoint to take over");
             t.vm.pause();
-            t.output.items.iter().map(|(s, _)| *s).collect::<Vec<u64>>()
+            t.output.items.iter().map(|i| i.seq).collect::<Vec<u64>>()
         })
     };
 

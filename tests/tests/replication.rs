@@ -25,14 +25,14 @@ struct Collect {
 }
 
 impl Release for Collect {
-    fn release(&self, epoch: u64, items: &[(u64, Vec<u8>)]) {
+    fn release(&self, epoch: u64, items: &[castor_net_buffer::HeldItem]) {
         let committed = *self.committed.lock().unwrap();
         assert!(
             epoch <= committed,
             "output released for epoch {epoch} while the backup has committed only {committed}"
         );
         let mut v = self.items.lock().unwrap();
-        for (s, d) in items {
+        for castor_net_buffer::HeldItem { seq: s, data: d } in items {
             v.push((*s, epoch, d.clone()));
         }
     }

@@ -100,8 +100,8 @@ pub enum BackupError {
 /// Output a committed checkpoint holds: re-emitted by a backup that takes over.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CommittedOutput {
-    /// (sequence number, bytes), ascending.
-    pub items: Vec<(u64, Vec<u8>)>,
+    /// The held items, ascending by sequence number.
+    pub items: Vec<castor_net_buffer::HeldItem>,
     /// The output buffer's next sequence number at that checkpoint.
     pub next_seq: u64,
 }

@@ -20,7 +20,7 @@ impl Backup {
             vm: machine.vm.clone(),
             epoch: replica.committed_epoch(),
             output: CommittedOutput {
-                items: held.items.into_iter().map(|i| (i.seq, i.data)).collect(),
+                items: held.items,
                 next_seq: held.next_seq,
             },
             restore: t.elapsed(),

@@ -1,6 +1,7 @@
 //! The pipeline's settings and where released output goes.
 
 use crate::wire::PROTOCOL_VERSIONS;
+use castor_net_buffer::HeldItem;
 use castor_parts::VersionRange;
 use std::time::Duration;
 
@@ -73,5 +74,5 @@ pub trait Release: Send + Sync {
     /// Items `(seq, bytes)` in sequence order, released because the backup
     /// acknowledged epoch `epoch` (every item belongs to an epoch `<= epoch`).
     /// `epoch == 0` means the output is released unprotected (no backup).
-    fn release(&self, epoch: u64, items: &[(u64, Vec<u8>)]);
+    fn release(&self, epoch: u64, items: &[HeldItem]);
 }

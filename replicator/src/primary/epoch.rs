@@ -158,11 +158,14 @@ impl Primary {
     pub(super) fn on_ack(&mut self, epoch: u64) -> Result<(), PrimaryError> {
         if epoch > self.acked {
             // Write out first, then drop from the buffer (see the ack task).
-            let items: Vec<(u64, Vec<u8>)> = self
+            let items: Vec<castor_net_buffer::HeldItem> = self
                 .output
                 .peek_through(epoch)
                 .into_iter()
-                .map(|i| (i.seq, i.data))
+                .map(|i| castor_net_buffer::HeldItem {
+                    seq: i.seq,
+                    data: i.data,
+                })
                 .collect();
             if !items.is_empty() {
                 self.release.release(epoch, &items);

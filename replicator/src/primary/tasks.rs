@@ -7,7 +7,7 @@ use super::fault::{inject, Fault};
 use super::{PrimaryError, PrimaryStatus, Release};
 use crate::transport::{Connection, FrameSender};
 use crate::wire::{self, Body, Frame};
-use castor_net_buffer::OutputBuffer;
+use castor_net_buffer::{HeldItem, OutputBuffer};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex};
@@ -133,10 +133,13 @@ pub(super) async fn ack_task(
                 }
                 // Write out first, then drop from the buffer: until written,
                 // the items stay in every checkpoint staged meanwhile.
-                let items: Vec<(u64, Vec<u8>)> = output
+                let items: Vec<HeldItem> = output
                     .peek_through(e)
                     .into_iter()
-                    .map(|i| (i.seq, i.data))
+                    .map(|i| HeldItem {
+                        seq: i.seq,
+                        data: i.data,
+                    })
                     .collect();
                 if !items.is_empty() {
                     release.release(e, &items);
