@@ -155,6 +155,9 @@ impl Staged for StagedOutput {
 }
 
 impl Part for OutputPart {
+    fn id(&self) -> PartId {
+        OUTPUT_PART
+    }
     fn descriptor(&self) -> PartDescriptor {
         PartDescriptor {
             id: OUTPUT_PART,

@@ -109,6 +109,9 @@ impl KvmVmPart {
 }
 
 impl Part for KvmVmPart {
+    fn id(&self) -> PartId {
+        Self::ID
+    }
     fn descriptor(&self) -> PartDescriptor {
         PartDescriptor {
             id: Self::ID,
@@ -146,15 +149,20 @@ pub struct MmioPart {
 }
 
 impl MmioPart {
-    fn id(&self) -> PartId {
+    fn part_id(&self) -> PartId {
         PartId::new(PartKind::Mmio, self.slot as u32)
     }
 }
 
 impl Part for MmioPart {
+    // Without this the default would build the descriptor (locking the
+    // device for its identity) every time the pause stages the part.
+    fn id(&self) -> PartId {
+        self.part_id()
+    }
     fn descriptor(&self) -> PartDescriptor {
         PartDescriptor {
-            id: self.id(),
+            id: self.part_id(),
             identity: self
                 .vm
                 .devices()
@@ -164,7 +172,7 @@ impl Part for MmioPart {
         }
     }
     fn stage(&self) -> Result<Box<dyn Staged>, PartError> {
-        let id = self.id();
+        let id = self.part_id();
         let state = self
             .vm
             .devices()
@@ -176,7 +184,7 @@ impl Part for MmioPart {
         Ok(Box::new(StagedState { id, state }))
     }
     fn check(&self, version: u16, data: &[u8]) -> Result<Checked, PartError> {
-        let id = self.id();
+        let id = self.part_id();
         version_ok(id, version)?;
         let s: DeviceState = decode_section(id, version, data)?;
         self.vm
@@ -186,7 +194,7 @@ impl Part for MmioPart {
         Ok(Checked::new(id, version, s))
     }
     fn restore(&self, state: &Checked) -> Result<(), PartError> {
-        let id = self.id();
+        let id = self.part_id();
         let s: &DeviceState = state.get(id)?;
         self.vm
             .devices()
@@ -202,21 +210,24 @@ pub struct VcpuPart {
 }
 
 impl VcpuPart {
-    fn id(&self) -> PartId {
+    fn part_id(&self) -> PartId {
         PartId::new(PartKind::Vcpu, self.index)
     }
 }
 
 impl Part for VcpuPart {
+    fn id(&self) -> PartId {
+        self.part_id()
+    }
     fn descriptor(&self) -> PartDescriptor {
         PartDescriptor {
-            id: self.id(),
+            id: self.part_id(),
             identity: PartIdentity::Vcpu,
             versions: SECTION_VERSIONS,
         }
     }
     fn stage(&self) -> Result<Box<dyn Staged>, PartError> {
-        let id = self.id();
+        let id = self.part_id();
         let state = self
             .vm
             .capture_vcpu_state(self.index)
@@ -224,7 +235,7 @@ impl Part for VcpuPart {
         Ok(Box::new(StagedState { id, state }))
     }
     fn check(&self, version: u16, data: &[u8]) -> Result<Checked, PartError> {
-        let id = self.id();
+        let id = self.part_id();
         version_ok(id, version)?;
         let s: VcpuState = decode_section(id, version, data)?;
         self.vm
@@ -233,7 +244,7 @@ impl Part for VcpuPart {
         Ok(Checked::new(id, version, s))
     }
     fn restore(&self, state: &Checked) -> Result<(), PartError> {
-        let id = self.id();
+        let id = self.part_id();
         let s: &VcpuState = state.get(id)?;
         self.vm
             .restore_vcpu_state(self.index, s)
