@@ -7,11 +7,13 @@
 //! coming the backup never takes over; once they stop, it does. Real KVM,
 //! real QUIC + mTLS on loopback.
 
+mod common;
+
 use castor_net_buffer::OutputBuffer;
 use castor_node::BufferedSink;
 use castor_replicator::backup::{Backup, BackupConfig, GuardEvent};
 use castor_replicator::primary::{Primary, PrimaryConfig, Release};
-use castor_replicator::transport::{self, Identity, TransportConfig};
+use castor_replicator::transport::{self, TransportConfig};
 use castor_tests::require_kvm;
 use castor_vmm::{DirtierParams, GuestBoot, NullSink, Vm, VmConfig, Workload};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,24 +29,8 @@ impl Release for Discard {
 fn no_takeover_while_the_primary_is_heard_then_takeover_when_silent() {
     require_kvm();
     let _ = env_logger::builder().is_test(true).try_init();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let pid = Identity::generate("primary").unwrap();
-    let bid = Identity::generate("backup").unwrap();
-    let listener = {
-        let _g = rt.enter();
-        transport::listen(
-            "127.0.0.1:0".parse().unwrap(),
-            &bid,
-            &pid.cert(),
-            &TransportConfig::default(),
-        )
-        .unwrap()
-    };
-    let addr = listener.local_addr().unwrap();
+    let (lb, listener) = common::loopback(2);
+    let (rt, pid, bid, addr) = (&lb.rt, &lb.pid, &lb.bid, lb.addr);
     let committed = Arc::new(AtomicU64::new(0));
     let ends = Arc::new(Mutex::new(Vec::<String>::new()));
     let backup = {
@@ -133,7 +119,7 @@ fn no_takeover_while_the_primary_is_heard_then_takeover_when_silent() {
         rt.block_on(transport::connect(
             "127.0.0.1:0".parse().unwrap(),
             addr,
-            &pid,
+            pid,
             &bid.cert(),
             &TransportConfig::default(),
         ))

@@ -5,11 +5,13 @@
 //! away is refused with a message naming both versions. Real KVM, real
 //! QUIC + mTLS on loopback.
 
+mod common;
+
 use castor_net_buffer::OutputBuffer;
 use castor_node::BufferedSink;
 use castor_replicator::backup::{Backup, BackupConfig, SessionEnd};
 use castor_replicator::primary::{Primary, PrimaryConfig, PrimaryError, Release};
-use castor_replicator::transport::{self, Identity, TransportConfig};
+use castor_replicator::transport::{self, TransportConfig};
 use castor_replicator::wire::{self, Body, Frame, Hello, Role};
 use castor_tests::require_kvm;
 use castor_vmm::devices::{NetConfig, Tap, VirtioNet};
@@ -63,24 +65,8 @@ const MAC: [u8; 6] = [0x02, 0xca, 0x57, 0, 0, 2];
 /// primary's error, how the backup's session ended and what it committed.
 fn pair(backup_mac: Option<[u8; 6]>) -> (PrimaryError, String, u64) {
     require_kvm();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let pid = Identity::generate("primary").unwrap();
-    let bid = Identity::generate("backup").unwrap();
-    let listener = {
-        let _g = rt.enter();
-        transport::listen(
-            "127.0.0.1:0".parse().unwrap(),
-            &bid,
-            &pid.cert(),
-            &TransportConfig::default(),
-        )
-        .unwrap()
-    };
-    let addr = listener.local_addr().unwrap();
+    let (lb, listener) = common::loopback(2);
+    let (rt, pid, bid, addr) = (&lb.rt, &lb.pid, &lb.bid, lb.addr);
     let backup = std::thread::spawn(move || {
         let rt2 = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -128,7 +114,7 @@ fn pair(backup_mac: Option<[u8; 6]>) -> (PrimaryError, String, u64) {
         .block_on(transport::connect(
             "127.0.0.1:0".parse().unwrap(),
             addr,
-            &pid,
+            pid,
             &bid.cert(),
             &TransportConfig::default(),
         ))
@@ -176,24 +162,8 @@ fn backup_with_another_mac_is_refused_at_hello() {
 #[test]
 fn peer_two_versions_away_is_refused_naming_both_versions() {
     require_kvm();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let pid = Identity::generate("primary").unwrap();
-    let bid = Identity::generate("backup").unwrap();
-    let listener = {
-        let _g = rt.enter();
-        transport::listen(
-            "127.0.0.1:0".parse().unwrap(),
-            &bid,
-            &pid.cert(),
-            &TransportConfig::default(),
-        )
-        .unwrap()
-    };
-    let addr = listener.local_addr().unwrap();
+    let (lb, listener) = common::loopback(2);
+    let (rt, pid, bid, addr) = (&lb.rt, &lb.pid, &lb.bid, lb.addr);
     let backup = std::thread::spawn(move || {
         let rt2 = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -220,7 +190,7 @@ fn peer_two_versions_away_is_refused_naming_both_versions() {
             .block_on(transport::connect(
                 "127.0.0.1:0".parse().unwrap(),
                 addr,
-                &pid,
+                pid,
                 &bid.cert(),
                 &TransportConfig::default(),
             ))

@@ -4,11 +4,13 @@
 //! keeps checkpointing, and dies; the backup that takes over re-emits those
 //! items. Real KVM, real QUIC + mTLS on loopback.
 
+mod common;
+
 use castor_net_buffer::OutputBuffer;
 use castor_node::BufferedSink;
 use castor_replicator::backup::{Backup, BackupConfig, SessionEnd};
 use castor_replicator::primary::{Primary, PrimaryConfig, Release};
-use castor_replicator::transport::{self, Identity, TransportConfig};
+use castor_replicator::transport::{self, TransportConfig};
 use castor_tests::require_kvm;
 use castor_vmm::{DirtierParams, GuestBoot, NullSink, Pattern, Vm, VmConfig, Workload};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,24 +49,8 @@ impl Release for Stuck {
 #[test]
 fn output_stuck_between_ack_and_write_is_reemitted_by_the_takeover() {
     require_kvm();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(3)
-        .enable_all()
-        .build()
-        .unwrap();
-    let pid = Identity::generate("primary").unwrap();
-    let bid = Identity::generate("backup").unwrap();
-    let listener = {
-        let _g = rt.enter();
-        transport::listen(
-            "127.0.0.1:0".parse().unwrap(),
-            &bid,
-            &pid.cert(),
-            &TransportConfig::default(),
-        )
-        .unwrap()
-    };
-    let addr = listener.local_addr().unwrap();
+    let (lb, listener) = common::loopback(3);
+    let (rt, pid, bid, addr) = (&lb.rt, &lb.pid, &lb.bid, lb.addr);
     let committed = Arc::new(AtomicU64::new(0));
     let backup = {
         let committed = committed.clone();
@@ -180,7 +166,7 @@ fn output_stuck_between_ack_and_write_is_reemitted_by_the_takeover() {
         .block_on(transport::connect(
             "127.0.0.1:0".parse().unwrap(),
             addr,
-            &pid,
+            pid,
             &bid.cert(),
             &TransportConfig::default(),
         ))
