@@ -10,7 +10,7 @@
 //! into the replica's memory and the state and held output replaced, as one
 //! step. Anything else discards the whole epoch.
 
-use crate::codec::{self, Page, PageEncoder};
+use crate::codec::{self, Page, PageEncoder, PageTag};
 use crate::wire::{
     self, BodyRef, EpochCheck, EpochEnd, EpochTally, Frame, FrameType, Header, Limits,
     PageBatchWriter, SectionWriter, PAGE_SIZE, PROTOCOL_VERSION,
@@ -480,6 +480,9 @@ pub struct Replica {
     diverged: bool,
     staging_pages: Vec<u64>,
     staging: Vec<u8>,
+    /// Pages the epoch being decoded zeroes (staged as their number only:
+    /// a zero entry costs 11 wire bytes and must not cost 4 KiB here).
+    staging_zero: Vec<u64>,
     /// One bit per guest page: which pages the epoch being decoded has
     /// already carried (duplicates are refused).
     seen: Vec<u64>,
@@ -505,6 +508,7 @@ impl Replica {
             diverged: false,
             staging_pages: Vec::new(),
             staging: Vec::new(),
+            staging_zero: Vec::new(),
             seen: Vec::new(),
         }
     }
@@ -668,8 +672,9 @@ impl Replica {
             });
         }
         let end = asm.end.ok_or(CheckpointError::Incomplete { epoch })?;
-        // Staging costs 4 KiB per entry whatever an entry costs on the wire
-        // (a zero page is 11 bytes): bound it by the guest's size, no page twice.
+        // Staging costs up to 4 KiB per entry whatever an entry costs on the
+        // wire: bound it by the guest's size, no page twice. Zero and
+        // unchanged entries stage no page data at all.
         if end.page_count > self.pages {
             return Err(CheckpointError::TooManyPages {
                 epoch,
@@ -682,6 +687,7 @@ impl Replica {
         // 1. Decode and check everything, against the committed replica.
         self.staging_pages.clear();
         self.staging.clear();
+        self.staging_zero.clear();
         let mut sections: Vec<Option<Checked>> = Vec::new();
         sections.resize_with(self.parts.len(), || None);
         let mut page: Box<Page> = Box::new([0u8; PAGE_SIZE]);
@@ -690,7 +696,7 @@ impl Replica {
             match frame.body {
                 BodyRef::PageBatch(batch) => {
                     for entry in batch.iter() {
-                        self.decode_onto_replica(&entry, &mut page)?;
+                        self.check_page(entry.page_number)?;
                         let (w, b) = ((entry.page_number / 64) as usize, entry.page_number % 64);
                         if self.seen[w] & (1 << b) != 0 {
                             return Err(CheckpointError::DuplicatePage {
@@ -699,8 +705,20 @@ impl Replica {
                             });
                         }
                         self.seen[w] |= 1 << b;
-                        self.staging_pages.push(entry.page_number);
-                        self.staging.extend_from_slice(&page[..]);
+                        match codec::check_dataless(entry.tag, entry.data).map_err(|source| {
+                            CheckpointError::Page {
+                                page: entry.page_number,
+                                source,
+                            }
+                        })? {
+                            Some(PageTag::Zero) => self.staging_zero.push(entry.page_number),
+                            Some(_) => {}
+                            None => {
+                                self.decode_onto_replica(&entry, &mut page)?;
+                                self.staging_pages.push(entry.page_number);
+                                self.staging.extend_from_slice(&page[..]);
+                            }
+                        }
                     }
                 }
                 BodyRef::Section(sec) => {
@@ -751,15 +769,26 @@ impl Replica {
         for (i, &p) in self.staging_pages.iter().enumerate() {
             self.write_page(p, &self.staging[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])?;
         }
+        // A page already zero is left alone: writing would only fault it in.
+        for &p in &self.staging_zero {
+            self.read_page(p, &mut page)?;
+            if !codec::is_zero_page(&page) {
+                page.fill(0);
+                self.write_page(p, &page[..])?;
+            }
+        }
         self.committed = Some(states);
         self.committed_epoch = epoch;
         self.any_next = false;
         self.proven = true;
-        let pages = self.staging_pages.len() as u64;
+        let pages = (self.staging_pages.len() + self.staging_zero.len()) as u64;
         if self.staging.capacity() > STAGING_KEEP && self.staging.len() < STAGING_KEEP {
             // A large epoch (a resync) is over: give its staging back.
             self.staging = Vec::new();
             self.staging_pages = Vec::new();
+        }
+        if self.staging_zero.capacity() > STAGING_KEEP / PAGE_SIZE {
+            self.staging_zero = Vec::new();
         }
         let mut memory_verified = false;
         if let Some(want) = end.memory_digest {

@@ -552,6 +552,20 @@ fn expect_len(tag: PageTag, data: &[u8], expected: usize) -> Result<(), CodecErr
     }
 }
 
+/// Checks an entry whose tag carries no data (zero, unchanged) and returns
+/// its tag; `None` for a tag that carries page data (decode it). Lets a
+/// backup stage such entries without a page buffer.
+pub fn check_dataless(tag: u8, data: &[u8]) -> Result<Option<PageTag>, CodecError> {
+    let tag = PageTag::from_u8(tag).ok_or(CodecError::UnknownTag { tag })?;
+    match tag {
+        PageTag::Zero | PageTag::Unchanged => {
+            expect_len(tag, data, 0)?;
+            Ok(Some(tag))
+        }
+        PageTag::Raw | PageTag::Lz4 | PageTag::XorLz4 => Ok(None),
+    }
+}
+
 /// Decodes one page entry into `base` (the replica's current copy of the
 /// page, which is also the XOR base). On error `base` is unchanged.
 pub fn decode_page(tag: u8, data: &[u8], base: &mut Page) -> Result<PageTag, CodecError> {

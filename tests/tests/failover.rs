@@ -431,3 +431,80 @@ fn primary_then_backup_killed_in_turn_with_reprotection_between() {
     assert!(v.ok(), "{v}\n{}", logs(&c));
     assert_eq!(v.senders.len(), 3, "expected three successive senders: {v}");
 }
+
+/// SIGSTOP the primary for longer than the timeout, then SIGCONT it, under
+/// `on_backup_loss = "pause"`: the backup takes over while the primary is
+/// frozen; the old primary, once continued, must never release again (acks
+/// queued while it was stopped included: it fences itself, having been
+/// silent past the backup's timeout), and it stays alive with its guest
+/// held. One history throughout. `CASTOR_SIGSTOP_ROUNDS=N` repeats it.
+#[test]
+fn primary_sigstop_past_the_timeout_then_sigcont_never_releases_again() {
+    require_kvm();
+    let _serial = serial();
+    let rounds: usize = std::env::var("CASTOR_SIGSTOP_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let mut fenced = 0;
+    for round in 0..rounds {
+        let obs = observer();
+        let c = prepare(small_spec(), &obs);
+        let mut backup = start(&c, true);
+        let mut primary = start(&c, false);
+        wait_records(&obs, &c, 20);
+        std::thread::sleep(Duration::from_millis(100 + 97 * round as u64 % 300));
+        let old = obs.datagrams().first().map(|d| d.from);
+        // SAFETY: kill(2) on our own child's pid with a valid signal.
+        let pid = primary.pid() as libc::pid_t;
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        let took_over = obs.wait_until(Duration::from_secs(30), |l| {
+            l.iter().any(|d| Some(d.from) != old)
+        });
+        assert!(
+            took_over,
+            "no takeover while the primary was stopped\n{}",
+            logs(&c)
+        );
+        // Let the new primary run, then wake the old one.
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+        let continued = Instant::now();
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(
+            primary.check_alive().is_ok(),
+            "the old primary died after SIGCONT\n{}",
+            logs(&c)
+        );
+        let log = obs.datagrams();
+        let first_new = log
+            .iter()
+            .find(|d| Some(d.from) != old)
+            .map(|d| d.at)
+            .unwrap_or(continued);
+        let late: Vec<&Datagram> = log
+            .iter()
+            .filter(|d| Some(d.from) == old && d.at > first_new)
+            .collect();
+        assert!(
+            late.is_empty(),
+            "round {round}: the old primary released {} records after the takeover (first {:?})\n{}",
+            late.len(),
+            late.first(),
+            logs(&c)
+        );
+        let plog = std::fs::read_to_string(c.dir.join("primary.log")).unwrap_or_default();
+        if plog.contains("fencing: no output is released") {
+            fenced += 1;
+        }
+        primary.kill();
+        backup.kill();
+        let log = obs.finish();
+        let v = verdict(&c, &log, 1, true);
+        assert!(v.ok(), "round {round}: {v}\n{}", logs(&c));
+    }
+    eprintln!(
+        "{rounds} SIGSTOP/SIGCONT rounds: one history each; {fenced} with acks that arrived while stopped (refused by the fence)"
+    );
+}

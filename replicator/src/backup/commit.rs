@@ -48,8 +48,7 @@ impl Backup {
         }
         // One cap for everything buffered, whatever the number of epochs.
         // The worst legitimate epoch carries every page raw: never refuse that.
-        let guest_bytes = replica.limits().max_page_count as usize * wire::PAGE_SIZE;
-        let cap = self.cfg.max_epoch_bytes.max(guest_bytes + (64 << 20));
+        let cap = self.cfg.max_epoch_bytes.max(largest_epoch_bytes(replica.limits()));
         let buffered: usize = pending.values().map(EpochAssembler::buffered_bytes).sum();
         if buffered + raw.len() > cap {
             return Err(CheckpointError::TooLarge { epoch: e, cap }.into());
@@ -124,4 +123,13 @@ impl Backup {
         }
         Ok(())
     }
+}
+
+/// The largest legitimate epoch on the wire for a guest: every page raw
+/// with its entry overhead, plus 64 MiB for batch headers and sections.
+pub(crate) fn largest_epoch_bytes(limits: &wire::Limits) -> usize {
+    let pages = limits.max_page_count as usize;
+    pages
+        .saturating_mul(wire::PAGE_SIZE + wire::PAGE_ENTRY_OVERHEAD)
+        .saturating_add(64 << 20)
 }

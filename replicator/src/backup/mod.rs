@@ -135,9 +135,14 @@ pub struct BackupConfig {
     /// Heartbeat period.
     pub heartbeat: Duration,
     /// Most bytes of frames buffered at once, over all epochs not yet
-    /// committed (a bound on what a peer can make the backup allocate); at
-    /// least the guest's memory plus 64 MiB, the largest legitimate epoch.
+    /// committed (a bound on what a peer can make the backup allocate).
+    /// Never below the largest legitimate epoch (every guest page raw, its
+    /// entry overhead, and 64 MiB for sections): 0 means exactly that.
     pub max_epoch_bytes: usize,
+    /// Most bytes of frames read off the streams and queued for the session
+    /// loop (at least one largest frame). With the two readers' buffers,
+    /// this bounds what a peer can park between the socket and the epochs.
+    pub max_queued_bytes: usize,
     /// Most epochs buffered at once (arriving ahead of their commit).
     pub max_epochs_buffered: usize,
     /// Protocol versions accepted at Hello.
@@ -174,7 +179,8 @@ impl Default for BackupConfig {
         BackupConfig {
             peer_timeout: Duration::from_millis(100),
             heartbeat: Duration::from_millis(10),
-            max_epoch_bytes: 1 << 30,
+            max_epoch_bytes: 0,
+            max_queued_bytes: 32 << 20,
             max_epochs_buffered: 16,
             protocol: PROTOCOL_VERSIONS,
             handshake_timeout: Duration::from_secs(5),

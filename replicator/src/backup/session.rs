@@ -9,6 +9,7 @@ use crate::wire::{self, Body, Frame};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 impl Backup {
     pub(super) async fn session(
@@ -36,7 +37,10 @@ impl Backup {
         let _hb_abort = AbortOnDrop([heartbeats]);
         // Frame reads are not cancel-safe, so each source runs in its own task
         // and the loop below only selects on a channel and timers.
+        // The queue is bounded in bytes (frames hold permits until the loop
+        // is done with them) as well as in entries (datagrams are small).
         let (tx, mut events) = tokio::sync::mpsc::channel::<Event>(256);
+        let queued = Arc::new(Semaphore::new(queue_bytes(&self.cfg, &limits)));
         let readers = [
             tokio::spawn(forward(
                 ctl_rx,
@@ -44,6 +48,7 @@ impl Backup {
                 Event::Control,
                 bad_frame.clone(),
                 Stamp(arrived.clone(), start),
+                queued.clone(),
             )),
             tokio::spawn(forward(
                 data_rx,
@@ -51,6 +56,7 @@ impl Backup {
                 Event::Data,
                 bad_frame,
                 Stamp(arrived.clone(), start),
+                queued,
             )),
             tokio::spawn(forward_datagrams(
                 conn.clone(),
@@ -128,7 +134,7 @@ impl Backup {
                 }
             };
             if let Err(e) = self
-                .on_frame(&frame, &limits, &mut pending, &mut ctl_tx)
+                .on_frame(&frame.bytes, &limits, &mut pending, &mut ctl_tx)
                 .await
             {
                 let discarded = pending.len() as u64;
@@ -173,11 +179,25 @@ impl Backup {
 }
 
 enum Event {
-    Control(Result<Option<Vec<u8>>, TransportError>),
-    Data(Result<Option<Vec<u8>>, TransportError>),
+    Control(Result<Option<Queued>, TransportError>),
+    Data(Result<Option<Queued>, TransportError>),
     Datagram(Result<Frame, TransportError>),
     Tick,
     Closed,
+}
+
+/// A frame read off a stream, holding its bytes' share of the queue bound
+/// until the session loop drops it.
+struct Queued {
+    bytes: Vec<u8>,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Bytes of frames the readers may queue: the configured bound, but never
+/// less than one largest frame (a reader would wait forever for it).
+fn queue_bytes(cfg: &BackupConfig, limits: &wire::Limits) -> usize {
+    let largest = wire::HEADER_LEN + limits.max_payload as usize;
+    cfg.max_queued_bytes.max(largest)
 }
 
 /// Marks "a frame arrived now" on the session's arrival clock.
@@ -217,13 +237,30 @@ pub(super) type BadFrame = Arc<std::sync::Mutex<Option<wire::WireError>>>;
 async fn forward(
     mut rx: FrameReceiver,
     tx: tokio::sync::mpsc::Sender<Event>,
-    wrap: fn(Result<Option<Vec<u8>>, TransportError>) -> Event,
+    wrap: fn(Result<Option<Queued>, TransportError>) -> Event,
     bad_frame: BadFrame,
     stamp: Stamp,
+    queued: Arc<Semaphore>,
 ) {
     loop {
         let r = rx.recv_raw().await;
         stamp.now();
+        // Wait for room before queueing: a peer that sends faster than the
+        // loop commits is held back by QUIC flow control, not by our memory.
+        let r = match r {
+            Ok(Some(bytes)) => {
+                let n = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+                match queued.clone().acquire_many_owned(n).await {
+                    Ok(permit) => Ok(Some(Queued {
+                        bytes,
+                        _permit: permit,
+                    })),
+                    Err(_) => return,
+                }
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
         if let Err(e) = &r {
             if let Some(w) = e.wire_error() {
                 log::error!("malformed frame from the primary: {w}");

@@ -47,7 +47,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
-use tasks::{ack_task, heartbeat_listener, heartbeat_task, send_task, AckBoard, Outgoing};
+use tasks::{ack_task, heartbeat_listener, heartbeat_task, send_task, AckBoard, Fence, Outgoing};
 use tokio::runtime::Handle;
 
 /// Page size.
@@ -127,6 +127,10 @@ pub enum PrimaryError {
     /// The backup stayed silent for longer than the failure timeout.
     #[error("backup silent for {0:?}")]
     PeerSilent(Duration),
+    /// This primary was silent for longer than the backup waits (stopped,
+    /// starved): the backup may have taken over, so it fenced itself.
+    #[error("this primary was silent for {0:?}: fenced (the backup may have taken over)")]
+    Fenced(Duration),
     /// Stopped on request.
     #[error("stopped")]
     Stopped,
@@ -292,6 +296,7 @@ impl Primary {
             sent_at: Mutex::new(VecDeque::new()),
             last_heard: Mutex::new(Instant::now()),
             failed: Mutex::new(None),
+            fence: Fence::new(self.cfg.peer_timeout),
         });
         let data_tx = rt.block_on(conn.open_data())?;
         let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Outgoing>(self.cfg.max_in_flight + 2);
