@@ -288,6 +288,18 @@ impl Cluster {
         role: &str,
         config: &Path,
     ) -> Result<Daemon, ClusterError> {
+        self.spawn_with_env(name, role, config, &[])
+    }
+
+    /// Like [`Cluster::spawn_with`], with extra environment variables (for
+    /// the test-only fault hooks of a `fault-injection` build).
+    pub fn spawn_with_env(
+        &self,
+        name: &'static str,
+        role: &str,
+        config: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<Daemon, ClusterError> {
         let log = self.dir.join(format!("{name}.log"));
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -300,6 +312,7 @@ impl Cluster {
             .arg("--config")
             .arg(config)
             .env("RUST_LOG", &self.spec.log_level)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);

@@ -432,12 +432,117 @@ fn primary_then_backup_killed_in_turn_with_reprotection_between() {
     assert_eq!(v.senders.len(), 3, "expected three successive senders: {v}");
 }
 
+/// Whether `pid` is stopped (state `T` in /proc/PID/stat).
+fn is_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit(')').next().map(|r| r.trim_start().starts_with('T')))
+        .unwrap_or(false)
+}
+
+/// How the primary gets frozen in one SIGSTOP round.
+#[derive(Clone, Copy, Debug)]
+enum Freeze {
+    /// SIGSTOP from this test at a moment of its choosing.
+    Signal,
+    /// The primary stops itself when `Ack(n)` arrives, before acting on it
+    /// (test hook `CASTOR_FAULT_STOP_AT_ACK`): an ack in hand, for sure.
+    AtAck(u64),
+}
+
+/// One round: freeze the primary past the timeout, let the backup take
+/// over, continue the old primary, and check it never releases again.
+/// Returns whether the old primary logged that it fenced itself.
+fn sigstop_round(round: usize, freeze: Freeze) -> bool {
+    let obs = observer();
+    let c = prepare(small_spec(), &obs);
+    let mut backup = start(&c, true);
+    let mut primary = match freeze {
+        Freeze::Signal => start(&c, false),
+        Freeze::AtAck(n) => c
+            .spawn_with_env(
+                "primary",
+                "primary",
+                &c.primary_config(),
+                &[("CASTOR_FAULT_STOP_AT_ACK", &n.to_string())],
+            )
+            .unwrap_or_else(|e| panic!("{e}")),
+    };
+    let pid = primary.pid();
+    match freeze {
+        Freeze::Signal => {
+            wait_records(&obs, &c, 20);
+            std::thread::sleep(Duration::from_millis(100 + 97 * round as u64 % 300));
+            // SAFETY: kill(2) on our own child's pid with a valid signal.
+            assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) }, 0);
+        }
+        Freeze::AtAck(n) => {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !is_stopped(pid) {
+                assert!(
+                    Instant::now() < deadline,
+                    "the primary never stopped itself at Ack({n})\n{}",
+                    logs(&c)
+                );
+                assert!(primary.check_alive().is_ok(), "primary died\n{}", logs(&c));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+    let old = obs.datagrams().first().map(|d| d.from);
+    let took_over = obs.wait_until(Duration::from_secs(30), |l| {
+        l.iter().any(|d| Some(d.from) != old)
+    });
+    assert!(
+        took_over,
+        "no takeover while the primary was stopped\n{}",
+        logs(&c)
+    );
+    // Let the new primary run, then wake the old one.
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) }, 0);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        primary.check_alive().is_ok(),
+        "the old primary died after SIGCONT\n{}",
+        logs(&c)
+    );
+    let log = obs.datagrams();
+    let first_new = log
+        .iter()
+        .find(|d| Some(d.from) != old)
+        .map(|d| d.at)
+        .unwrap_or_else(Instant::now);
+    let late: Vec<&Datagram> = log
+        .iter()
+        .filter(|d| Some(d.from) == old && d.at > first_new)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "round {round} ({freeze:?}): the old primary released {} records after the takeover (first {:?})\n{}",
+        late.len(),
+        late.first(),
+        logs(&c)
+    );
+    let plog = std::fs::read_to_string(c.dir.join("primary.log")).unwrap_or_default();
+    let fenced = plog.contains("fencing: no output is released");
+    primary.kill();
+    backup.kill();
+    let log = obs.finish();
+    let v = verdict(&c, &log, 1, true);
+    assert!(v.ok(), "round {round} ({freeze:?}): {v}\n{}", logs(&c));
+    fenced
+}
+
 /// SIGSTOP the primary for longer than the timeout, then SIGCONT it, under
 /// `on_backup_loss = "pause"`: the backup takes over while the primary is
-/// frozen; the old primary, once continued, must never release again (acks
-/// queued while it was stopped included: it fences itself, having been
-/// silent past the backup's timeout), and it stays alive with its guest
-/// held. One history throughout. `CASTOR_SIGSTOP_ROUNDS=N` repeats it.
+/// frozen; the old primary, once continued, never releases again and stays
+/// alive with its guest held. First with an ack in hand for sure (the
+/// primary stops itself when Ack(40) arrives: once continued it must fence
+/// itself rather than release that epoch), then frozen by SIGSTOP at
+/// random instants. One history throughout. `CASTOR_SIGSTOP_ROUNDS=N` sets
+/// the number of SIGSTOP rounds (default 3).
 #[test]
 fn primary_sigstop_past_the_timeout_then_sigcont_never_releases_again() {
     require_kvm();
@@ -446,65 +551,15 @@ fn primary_sigstop_past_the_timeout_then_sigcont_never_releases_again() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
+    assert!(
+        sigstop_round(0, Freeze::AtAck(40)),
+        "the primary continued with Ack(40) in hand did not fence itself"
+    );
     let mut fenced = 0;
-    for round in 0..rounds {
-        let obs = observer();
-        let c = prepare(small_spec(), &obs);
-        let mut backup = start(&c, true);
-        let mut primary = start(&c, false);
-        wait_records(&obs, &c, 20);
-        std::thread::sleep(Duration::from_millis(100 + 97 * round as u64 % 300));
-        let old = obs.datagrams().first().map(|d| d.from);
-        // SAFETY: kill(2) on our own child's pid with a valid signal.
-        let pid = primary.pid() as libc::pid_t;
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
-        let took_over = obs.wait_until(Duration::from_secs(30), |l| {
-            l.iter().any(|d| Some(d.from) != old)
-        });
-        assert!(
-            took_over,
-            "no takeover while the primary was stopped\n{}",
-            logs(&c)
-        );
-        // Let the new primary run, then wake the old one.
-        std::thread::sleep(Duration::from_millis(300));
-        // SAFETY: as above.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
-        let continued = Instant::now();
-        std::thread::sleep(Duration::from_millis(1500));
-        assert!(
-            primary.check_alive().is_ok(),
-            "the old primary died after SIGCONT\n{}",
-            logs(&c)
-        );
-        let log = obs.datagrams();
-        let first_new = log
-            .iter()
-            .find(|d| Some(d.from) != old)
-            .map(|d| d.at)
-            .unwrap_or(continued);
-        let late: Vec<&Datagram> = log
-            .iter()
-            .filter(|d| Some(d.from) == old && d.at > first_new)
-            .collect();
-        assert!(
-            late.is_empty(),
-            "round {round}: the old primary released {} records after the takeover (first {:?})\n{}",
-            late.len(),
-            late.first(),
-            logs(&c)
-        );
-        let plog = std::fs::read_to_string(c.dir.join("primary.log")).unwrap_or_default();
-        if plog.contains("fencing: no output is released") {
-            fenced += 1;
-        }
-        primary.kill();
-        backup.kill();
-        let log = obs.finish();
-        let v = verdict(&c, &log, 1, true);
-        assert!(v.ok(), "round {round}: {v}\n{}", logs(&c));
+    for round in 1..=rounds {
+        fenced += usize::from(sigstop_round(round, Freeze::Signal));
     }
     eprintln!(
-        "{rounds} SIGSTOP/SIGCONT rounds: one history each; {fenced} with acks that arrived while stopped (refused by the fence)"
+        "1 + {rounds} SIGSTOP/SIGCONT rounds: one history each, the old primary never released again; {fenced} of the {rounds} random ones had acks in hand (refused by the fence)"
     );
 }

@@ -69,3 +69,24 @@ pub(super) fn inject(fault: Fault, data: Vec<u8>) -> Vec<u8> {
         },
     }
 }
+
+/// Testing: with `CASTOR_FAULT_STOP_AT_ACK=N` in its environment, the
+/// process stops itself (SIGSTOP) once, when the backup's `Ack(N)` arrives
+/// and before acting on it: a primary frozen with an ack in hand, which a
+/// test then continues after the backup took over (the fence must refuse
+/// to release that ack's output).
+pub(super) fn stop_at_ack(epoch: u64) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static FIRED: AtomicBool = AtomicBool::new(false);
+    let at = std::env::var("CASTOR_FAULT_STOP_AT_ACK")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    if at == Some(epoch) && !FIRED.swap(true, Ordering::SeqCst) {
+        log::warn!("fault injection: stopping this process with Ack({epoch}) in hand");
+        // kill(1) rather than raise(3): this crate has no unsafe code. This
+        // thread waits for the child, stopped with the rest of the process.
+        let _ = std::process::Command::new("kill")
+            .args(["-STOP", &std::process::id().to_string()])
+            .status();
+    }
+}

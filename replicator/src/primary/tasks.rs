@@ -201,6 +201,8 @@ pub(super) async fn ack_task(
                         data: i.data,
                     })
                     .collect();
+                #[cfg(feature = "fault-injection")]
+                super::fault::stop_at_ack(e);
                 // Self-fencing: after a silence the backup may have taken
                 // over (and re-emitted these): release nothing more.
                 if let Some(gap) = board.fence.silenced() {
