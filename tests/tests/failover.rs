@@ -109,13 +109,37 @@ struct KillOutcome {
     failover: Option<Duration>,
 }
 
-/// One kill run: start a pair, SIGKILL the primary `delay` after it started,
+/// When a kill's delay starts counting.
+#[derive(Debug, Clone, Copy)]
+enum KillFrom {
+    /// The primary's start (kills during the initial synchronisation).
+    Start,
+    /// The backup's first commit (kills in steady state, whatever the
+    /// initial synchronisation took on a loaded host).
+    FirstCommit,
+}
+
+/// One kill run: start a pair, SIGKILL the primary `delay` after `from`,
 /// check that the backup takes over (if anything was committed) and the invariant.
-fn kill_run(delay: Duration) -> KillOutcome {
+fn kill_run(delay: Duration, from: KillFrom) -> KillOutcome {
     let obs = observer();
     let c = prepare(small_spec(), &obs);
     let mut backup = start(&c, true);
     let mut primary = start(&c, false);
+    if let KillFrom::FirstCommit = from {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while CommitLog::load(&c.commit_log())
+            .map(|l| l.commits.is_empty())
+            .unwrap_or(true)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "nothing committed in 60 s\n{}",
+                logs(&c)
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
     std::thread::sleep(delay);
     // The primary releases first; any other sender is the backup that took over.
     let old = obs.datagrams().first().map(|d| d.from);
@@ -199,15 +223,19 @@ fn primary_sigkill_matrix_keeps_one_history() {
     let t = Instant::now();
     for i in 0..kills {
         let ti = Instant::now();
-        // A few kills early (initial sync takes ~100-300 ms), most later.
-        let delay = if i % 6 == 0 {
-            Duration::from_millis(rng.gen_range(0..250))
+        // A few kills from the start (during the initial synchronisation),
+        // most in steady state, counted from the first commit.
+        let (delay, from) = if i % 6 == 0 {
+            (Duration::from_millis(rng.gen_range(0..250)), KillFrom::Start)
         } else {
-            Duration::from_millis(rng.gen_range(250..1200))
+            (
+                Duration::from_millis(rng.gen_range(0..600)),
+                KillFrom::FirstCommit,
+            )
         };
-        let o = kill_run(delay);
+        let o = kill_run(delay, from);
         eprintln!(
-            "kill {i}: at {delay:?} ({:?}), failover {:?}, run {:.2} s",
+            "kill {i}: {delay:?} after {from:?} ({:?}), failover {:?}, run {:.2} s",
             o.window,
             o.failover,
             ti.elapsed().as_secs_f64()
