@@ -140,6 +140,10 @@ pub struct File {
     /// `[net]`.
     #[serde(default)]
     pub net: Option<NetSection>,
+    /// `[disk]`: this host's image of the guest's disk (the size of the
+    /// primary's; written at each commit, the guest's disk after a takeover).
+    #[serde(default)]
+    pub disk: Option<castor_node::DiskSection>,
 }
 
 fn default_bind() -> SocketAddr {
@@ -196,6 +200,8 @@ pub struct Config {
     pub reprotect: Option<Reprotect>,
     /// The replica's network device.
     pub net: Option<BackupNet>,
+    /// The replica's disk.
+    pub disk: Option<castor_vmm::devices::BlkConfig>,
 }
 
 /// The replica's virtio-net device on this host.
@@ -272,6 +278,16 @@ impl Config {
             },
             reprotect: reprotect(&f.takeover, &v, heartbeat, peer_timeout)?,
             net,
+            disk: match &f.disk {
+                Some(d) if d.read_only => {
+                    return Err(v.invalid(
+                        "disk.read_only",
+                        "the backup writes each committed epoch's blocks to its image: remove read_only",
+                    ))
+                }
+                Some(d) => Some(d.resolve(&v)?),
+                None => None,
+            },
         })
     }
 }

@@ -56,10 +56,13 @@ pub fn run_with(cfg: Config, board: &Arc<StatusBoard>) -> Result<(), DaemonError
     let peer = cfg.tls.peer()?;
     // One tap and one set of switched sinks for every replica VM this
     // process creates.
-    let io = Arc::new(ReplicaIo::new(match &cfg.net {
-        None => None,
-        Some(n) => Some(ReplicaNet::open(&n.tap, n.mac, n.tap_policy)?),
-    }));
+    let io = Arc::new(
+        ReplicaIo::new(match &cfg.net {
+            None => None,
+            Some(n) => Some(ReplicaNet::open(&n.tap, n.mac, n.tap_policy)?),
+        })
+        .with_disk(cfg.disk.clone()),
+    );
     let mut backup = Backup::new(cfg.backup.clone(), io.vm_factory(cfg.dirty_tracking));
     board.watch_backup(backup.status());
     if let Some(path) = &cfg.commit_log {

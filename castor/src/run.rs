@@ -290,6 +290,9 @@ pub fn plan(a: &RunArgs) -> Result<(VmConfig, GuestBoot), RunError> {
             }
             Workload::Disk(DiskParams {
                 blocks: a.disk_blocks,
+                continuous: false,
+                rate: 0,
+                ops: 0,
             })
         }
     };

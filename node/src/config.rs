@@ -196,6 +196,64 @@ fn default_held() -> String {
     "4M".into()
 }
 
+/// The `[disk]` section of both daemons: the guest's virtio-blk disk on
+/// this host (the primary's image; the backup's own image of the same
+/// size, written at each commit and used after a takeover).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSection {
+    /// Raw image file (relative to the config file's directory). Required.
+    pub path: PathBuf,
+    /// Open read-only (primary: the guest's writes fail; nothing is
+    /// replicated). Default false.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl DiskSection {
+    /// The device configuration, the image checked: it must exist and be a
+    /// non-empty regular file whose size is a whole number of 4 KiB blocks.
+    pub fn resolve(
+        &self,
+        v: &Validator<'_>,
+    ) -> Result<castor_vmm::devices::BlkConfig, ConfigError> {
+        let path = v.relative(&self.path);
+        let len = match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => m.len(),
+            Ok(_) => {
+                return Err(v.invalid(
+                    "disk.path",
+                    format!("{} is not a regular file: name a raw image", path.display()),
+                ))
+            }
+            Err(e) => {
+                return Err(v.invalid(
+                    "disk.path",
+                    format!(
+                        "{}: {e}; create an image with `truncate -s SIZE {}` (the backup's must be the size of the primary's)",
+                        path.display(),
+                        path.display()
+                    ),
+                ))
+            }
+        };
+        if len == 0 || len % castor_vmm::devices::DISK_BLOCK != 0 {
+            return Err(v.invalid(
+                "disk.path",
+                format!(
+                    "{} is {len} bytes: a disk image must be a non-zero multiple of 4096 bytes (`truncate -s SIZE {}`)",
+                    path.display(),
+                    path.display()
+                ),
+            ));
+        }
+        Ok(castor_vmm::devices::BlkConfig {
+            path,
+            read_only: self.read_only,
+        })
+    }
+}
+
 /// The `[metrics]` section.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]

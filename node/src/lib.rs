@@ -37,7 +37,8 @@ pub mod systemd;
 pub mod takeover;
 
 pub use config::{
-    ConfigError, ControlSection, MetricsSection, OutputSection, TlsFiles, TlsSection, Validator,
+    ConfigError, ControlSection, DiskSection, MetricsSection, OutputSection, TlsFiles, TlsSection,
+    Validator,
 };
 pub use mac::MacAddr;
 pub use net::{open_tap, NetError, NetTxSink, TapPolicy, TapRelease};

@@ -9,7 +9,7 @@ use crate::sinks::{BufferedSink, SwitchSink, SwitchTxSink};
 use castor_net_buffer::OutputBuffer;
 use castor_replicator::backup::VmFactory;
 use castor_replicator::primary::Release;
-use castor_vmm::devices::{NetConfig, Tap, TxSink, VirtioNet};
+use castor_vmm::devices::{BlkConfig, NetConfig, Tap, TxSink, VirtioBlk, VirtioNet};
 use castor_vmm::{DirtyTracking, Vm, VmConfig, VmShape};
 use std::sync::Arc;
 
@@ -42,6 +42,7 @@ impl ReplicaNet {
 pub struct ReplicaIo {
     records: Arc<SwitchSink>,
     net: Option<ReplicaNet>,
+    disk: Option<BlkConfig>,
 }
 
 impl ReplicaIo {
@@ -50,7 +51,16 @@ impl ReplicaIo {
         ReplicaIo {
             records: Arc::new(SwitchSink::default()),
             net,
+            disk: None,
         }
+    }
+
+    /// Gives every replica VM a virtio-blk device on this host's image
+    /// `disk` (after the network device, as on the primary): checkpoints
+    /// write the guest's blocks there, and a takeover runs on it.
+    pub fn with_disk(mut self, disk: Option<BlkConfig>) -> Self {
+        self.disk = disk;
+        self
     }
 
     /// The network device, if any.
@@ -84,6 +94,13 @@ impl ReplicaIo {
                     tx_sink: Some(tx),
                 }))
                 .map_err(|e| castor_vmm::Error::InvalidConfig(format!("virtio-net: {e}")))?;
+        }
+        if let Some(d) = &self.disk {
+            let blk = VirtioBlk::open(d)
+                .map_err(|e| castor_vmm::Error::InvalidConfig(format!("virtio-blk: {e}")))?;
+            vm.devices()
+                .add_virtio_blk(blk)
+                .map_err(|e| castor_vmm::Error::InvalidConfig(format!("virtio-blk: {e}")))?;
         }
         Ok(Arc::new(vm))
     }

@@ -5,10 +5,11 @@
 
 pub use castor_node::config::ConfigError;
 use castor_node::config::{
-    self, ControlSection, MetricsSection, OutputSection, TlsFiles, TlsSection, Validator,
+    self, ControlSection, DiskSection, MetricsSection, OutputSection, TlsFiles, TlsSection,
+    Validator,
 };
 use castor_node::{MacAddr, OnBackupLoss, TapPolicy};
-use castor_vmm::{DirtierParams, GuestBoot, NetParams, Pattern, VmConfig, Workload};
+use castor_vmm::{DirtierParams, DiskParams, GuestBoot, NetParams, Pattern, VmConfig, Workload};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -32,8 +33,10 @@ pub struct VmSection {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GuestSection {
-    /// "dirtier" (default) or "net" (TCP counter/echo services on
-    /// virtio-net; needs the `[net]` section).
+    /// "dirtier" (default), "net" (TCP counter/echo services on
+    /// virtio-net; needs the `[net]` section) or "disk" (numbered,
+    /// checksummed blocks written, flushed and verified continuously on
+    /// virtio-blk; needs the `[disk]` section).
     #[serde(default = "default_workload")]
     pub workload: String,
     /// Total dirty rate, bytes of dirtied pages per second ("50M"); "0" = flat out.
@@ -57,6 +60,18 @@ pub struct GuestSection {
     /// Workload seed. Default 1.
     #[serde(default = "one_u64")]
     pub seed: u64,
+    /// Disk workload: blocks (4 KiB, from the start of the disk) it writes
+    /// and verifies. Default: the whole disk, at most 262144 (1 GiB).
+    #[serde(default)]
+    pub disk_blocks: Option<u64>,
+    /// Disk workload: operations (a block write and a read-back) per
+    /// second; 0: as fast as the device answers. Default 500.
+    #[serde(default = "default_disk_rate")]
+    pub disk_rate: u64,
+}
+
+fn default_disk_rate() -> u64 {
+    500
 }
 
 /// The `[net]` section (with `workload = "net"`): the guest's virtio-net
@@ -140,6 +155,9 @@ pub struct File {
     /// `[net]` (with `workload = "net"`).
     #[serde(default)]
     pub net: Option<NetSection>,
+    /// `[disk]`: the guest's virtio-blk disk, replicated with it.
+    #[serde(default)]
+    pub disk: Option<DiskSection>,
     /// `[replication]`.
     pub replication: ReplicationSection,
     /// `[tls]`.
@@ -183,6 +201,8 @@ pub struct Config {
     pub on_backup_loss: OnBackupLoss,
     /// The guest's network device (net workload).
     pub net: Option<NetDevice>,
+    /// The guest's disk.
+    pub disk: Option<castor_vmm::devices::BlkConfig>,
 }
 
 /// The guest's virtio-net device on this host.
@@ -272,6 +292,8 @@ fn default_guest() -> GuestSection {
         record_every: default_record_every(),
         entropy: yes(),
         seed: one_u64(),
+        disk_blocks: None,
+        disk_rate: default_disk_rate(),
     }
 }
 
@@ -302,8 +324,45 @@ impl Config {
         vm.validate().map_err(|e| v.invalid("vm", e.to_string()))?;
         let mut net = None;
         let mut net_params = None;
+        let disk = match &f.disk {
+            Some(d) => Some(d.resolve(&v)?),
+            None => None,
+        };
+        let mut disk_params = None;
         match (f.guest.workload.as_str(), &f.net) {
             ("dirtier", _) => {}
+            ("disk", _) => {
+                let Some(d) = &disk else {
+                    return Err(v.invalid(
+                        "disk",
+                        "workload \"disk\" needs a [disk] section with `path` (a raw image: `truncate -s 64M disk.img`)",
+                    ));
+                };
+                if d.read_only {
+                    return Err(v.invalid(
+                        "disk.read_only",
+                        "the disk workload writes: set read_only = false",
+                    ));
+                }
+                let capacity = std::fs::metadata(&d.path).map(|m| m.len()).unwrap_or(0)
+                    / castor_vmm::devices::DISK_BLOCK;
+                let max = capacity.min(DiskParams::MAX_CONTINUOUS_BLOCKS);
+                let blocks = f.guest.disk_blocks.unwrap_or(max);
+                if blocks == 0 || blocks > max {
+                    return Err(v.invalid(
+                        "guest.disk_blocks",
+                        format!(
+                            "{blocks}: use 1 to {max} (the image holds {capacity} blocks of 4 KiB)"
+                        ),
+                    ));
+                }
+                disk_params = Some(DiskParams {
+                    blocks,
+                    continuous: true,
+                    rate: f.guest.disk_rate,
+                    ops: 0,
+                });
+            }
             ("net", Some(n)) => {
                 let mac = v.mac("net.mac", &n.mac)?;
                 let (ip, prefix_len) = parse_cidr(&n.ip).ok_or_else(|| {
@@ -342,7 +401,7 @@ impl Config {
             (other, _) => {
                 return Err(v.invalid(
                     "guest.workload",
-                    format!("{other:?}: use \"dirtier\" or \"net\""),
+                    format!("{other:?}: use \"dirtier\", \"net\" or \"disk\""),
                 ))
             }
         }
@@ -395,9 +454,10 @@ impl Config {
         Ok(Config {
             vm,
             boot: GuestBoot {
-                workload: match net_params {
-                    Some(n) => Workload::Net(n),
-                    None => Workload::Dirtier(params),
+                workload: match (net_params, disk_params) {
+                    (Some(n), _) => Workload::Net(n),
+                    (None, Some(d)) => Workload::Disk(d),
+                    (None, None) => Workload::Dirtier(params),
                 },
                 seed: f.guest.seed,
             },
@@ -413,6 +473,7 @@ impl Config {
             control: f.control.resolve(&v, "primary"),
             on_backup_loss,
             net,
+            disk,
         })
     }
 }
@@ -505,7 +566,17 @@ mod tests {
         );
         assert_eq!(
             field(parse("", "[guest]\nworkload = \"disk\"\n").unwrap_err()),
-            "guest.workload"
+            "disk"
+        );
+        assert_eq!(
+            field(
+                parse(
+                    "",
+                    "[guest]\nworkload = \"disk\"\n[disk]\npath = \"/nonexistent/castor.img\"\n"
+                )
+                .unwrap_err()
+            ),
+            "disk.path"
         );
     }
 

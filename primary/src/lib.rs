@@ -12,7 +12,7 @@ use castor_node::{
     UdpRelease,
 };
 use castor_replicator::primary::Release;
-use castor_vmm::devices::{NetConfig, VirtioNet};
+use castor_vmm::devices::{NetConfig, VirtioBlk, VirtioNet};
 use castor_vmm::Vm;
 pub use config::{Config, ConfigError};
 use std::sync::Arc;
@@ -38,6 +38,9 @@ pub enum DaemonError {
     /// The guest's network device.
     #[error("network device: {0}")]
     Net(#[from] NetError),
+    /// The guest's disk.
+    #[error("disk: {0}")]
+    Disk(#[from] castor_vmm::devices::DeviceError),
     /// A record guest without `[output] release_to` (validated by
     /// `Config::parse`; a hand-built `Config` can still lack it).
     #[error("the record guest needs [output] release_to")]
@@ -87,6 +90,18 @@ pub fn run_with(cfg: Config, board: &Arc<StatusBoard>) -> Result<(), DaemonError
             (vm, release)
         }
     };
+    if let Some(disk) = &cfg.disk {
+        // After any network device: the backup's replica adds its devices
+        // in the same order (parts are matched by bus slot).
+        let blk = VirtioBlk::open(disk)?;
+        log::info!(
+            "virtio-blk on {} ({} MiB{}), replicated with the guest",
+            disk.path.display(),
+            (blk.capacity_sectors() * 512) >> 20,
+            if disk.read_only { ", read-only" } else { "" }
+        );
+        vm.devices().add_virtio_blk(blk)?;
+    }
     vm.boot(&cfg.boot)?;
     log::info!(
         "guest booted: {} vCPU(s), {} MiB, dirty tracking {}; replicating to backup {}",

@@ -11,6 +11,7 @@
 //! step. Anything else discards the whole epoch.
 
 use crate::codec::{self, Page, PageEncoder, PageTag};
+use crate::disk::{self, DiskError, ReplicaDisk, StagedDisk};
 use crate::wire::{
     self, BodyRef, EpochCheck, EpochEnd, EpochTally, Frame, FrameType, Header, Limits,
     PageBatchWriter, SectionWriter, PAGE_SIZE, PROTOCOL_VERSION,
@@ -178,6 +179,16 @@ pub enum CheckpointError {
         #[source]
         source: PartError,
     },
+    /// The epoch's disk blocks were refused (decode, range, length), or the
+    /// image could not be written at commit.
+    #[error("epoch {epoch}: {source}")]
+    Disk {
+        /// The epoch (0: pre-copy).
+        epoch: u64,
+        /// Why.
+        #[source]
+        source: DiskError,
+    },
     /// After committing, the replica's memory digest differed from the
     /// primary's: the replica diverged and must be resynchronised.
     #[error("epoch {epoch}: replica memory digest differs from the primary's")]
@@ -201,6 +212,8 @@ pub struct StagedEpoch {
     pub sections: StagedSections,
     /// Digest of all guest memory at the pause (for verification).
     pub memory_digest: Option<[u8; 32]>,
+    /// The disk blocks written during the epoch (a protected disk).
+    pub disk: Option<StagedDisk>,
 }
 
 impl std::fmt::Debug for StagedEpoch {
@@ -230,6 +243,8 @@ pub struct EncodedEpoch {
     pub wire_bytes: u64,
     /// Data frames.
     pub data_frames: u32,
+    /// Disk blocks carried.
+    pub disk_blocks: u64,
 }
 
 /// Primary side: turns staged epochs into frames, keeping the sent-copy cache.
@@ -253,6 +268,11 @@ impl CheckpointEncoder {
     /// Encodes frames in protocol `version` (the one negotiated at Hello).
     pub fn set_version(&mut self, version: u16) {
         self.version = version;
+    }
+
+    /// The protocol version frames are encoded in.
+    pub fn version(&self) -> u16 {
+        self.version
     }
 
     /// Forgets every cached copy: after a reconnection or resync.
@@ -314,6 +334,21 @@ impl CheckpointEncoder {
         let mut tally = EpochTally::new(e);
         self.encode_pages(e, &staged.pages, &staged.data, data_out, &mut tally)?;
         let sections_start = data_out.len();
+        let mut disk_blocks = 0;
+        if let Some(d) = &staged.disk {
+            if self.version < wire::DISK_PROTOCOL_VERSION {
+                return Err(CheckpointError::Disk {
+                    epoch: e,
+                    source: DiskError::OldPeer {
+                        version: self.version,
+                    },
+                });
+            }
+            disk_blocks =
+                disk::encode_blocks(e, &d.blocks, &d.data, d.flushed, data_out, &mut tally)
+                    .map_err(|source| CheckpointError::Disk { epoch: e, source })?
+                    .blocks;
+        }
         for (id, section) in &staged.sections {
             let mut w = SectionWriter::begin(data_out, e, *id, section.version());
             if let Err(source) = section.encode(w.data()) {
@@ -338,6 +373,7 @@ impl CheckpointEncoder {
             pages: staged.pages.len() as u64,
             wire_bytes: (data_out.len() - start + end_out.len() - end_start) as u64,
             data_frames: tally.data_frames,
+            disk_blocks,
         })
     }
 }
@@ -454,6 +490,8 @@ pub struct CommitInfo {
     pub memory_verified: bool,
     /// Whether this commit ran the restorability dry run (first of a session).
     pub proven: bool,
+    /// Disk blocks written to the replica's image.
+    pub disk_blocks: u64,
 }
 
 /// The backup's replica: guest memory (owned by the backup's paused VM), the
@@ -486,6 +524,8 @@ pub struct Replica {
     /// One bit per guest page: which pages the epoch being decoded has
     /// already carried (duplicates are refused).
     seen: Vec<u64>,
+    /// The backup's own image of the guest's protected disk.
+    disk: Option<ReplicaDisk>,
 }
 
 /// Staging kept between epochs; a larger buffer is given back after use.
@@ -510,7 +550,37 @@ impl Replica {
             staging: Vec::new(),
             staging_zero: Vec::new(),
             seen: Vec::new(),
+            disk: None,
         }
+    }
+
+    /// Gives the replica its disk (the backup's image, the same capacity as
+    /// the primary's: checked at Hello): disk blocks are written there at
+    /// commit.
+    pub fn set_disk(&mut self, disk: ReplicaDisk) {
+        self.disk = Some(disk);
+    }
+
+    /// Whether the replica has a disk.
+    pub fn has_disk(&self) -> bool {
+        self.disk.is_some()
+    }
+
+    /// Initial synchronisation of the disk: a pre-copy `DiskBatch` is written
+    /// straight to the image (like [`Replica::apply_sync_batch`]).
+    pub fn apply_sync_disk(
+        &mut self,
+        batch: &wire::DiskBatchRef<'_>,
+    ) -> Result<u64, CheckpointError> {
+        if self.committed_epoch != 0 {
+            return Err(CheckpointError::SyncAfterCommit);
+        }
+        let disk = self.disk.as_mut().ok_or(CheckpointError::Disk {
+            epoch: 0,
+            source: DiskError::NoDisk,
+        })?;
+        disk.apply_sync(batch)
+            .map_err(|source| CheckpointError::Disk { epoch: 0, source })
     }
 
     /// Decoding limits for this guest.
@@ -688,6 +758,9 @@ impl Replica {
         self.staging_pages.clear();
         self.staging.clear();
         self.staging_zero.clear();
+        if let Some(d) = &mut self.disk {
+            d.begin_epoch();
+        }
         let mut sections: Vec<Option<Checked>> = Vec::new();
         sections.resize_with(self.parts.len(), || None);
         let mut page: Box<Page> = Box::new([0u8; PAGE_SIZE]);
@@ -720,6 +793,14 @@ impl Replica {
                             }
                         }
                     }
+                }
+                BodyRef::DiskBatch(batch) => {
+                    let d = self.disk.as_mut().ok_or(CheckpointError::Disk {
+                        epoch,
+                        source: DiskError::NoDisk,
+                    })?;
+                    d.stage(&batch)
+                        .map_err(|source| CheckpointError::Disk { epoch, source })?;
                 }
                 BodyRef::Section(sec) => {
                     let (Some(pos), Some(part)) =
@@ -777,6 +858,19 @@ impl Replica {
                 self.write_page(p, &page[..])?;
             }
         }
+        // The disk, after the memory: written only now that the whole epoch
+        // verified (and made durable when the guest flushed).
+        let mut disk_blocks = 0;
+        if let Some(d) = &mut self.disk {
+            match d.apply() {
+                Ok(n) => disk_blocks = n,
+                Err(source) => {
+                    // Half-applied: no longer equal to any checkpoint.
+                    self.diverged = true;
+                    return Err(CheckpointError::Disk { epoch, source });
+                }
+            }
+        }
         self.committed = Some(states);
         self.committed_epoch = epoch;
         self.any_next = false;
@@ -803,6 +897,7 @@ impl Replica {
             pages,
             memory_verified,
             proven: proving,
+            disk_blocks,
         })
     }
 }

@@ -16,6 +16,7 @@
 pub mod backup;
 pub mod checkpoint;
 pub mod codec;
+pub mod disk;
 pub mod manifest;
 pub mod primary;
 pub mod transport;

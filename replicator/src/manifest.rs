@@ -322,11 +322,17 @@ impl Manifest {
             };
             let d = mine.descriptor();
             if d.identity != p.identity {
+                let hint = match &p.identity {
+                    PartIdentity::VirtioBlk { capacity_bytes, .. } => format!(
+                        "the backup's image ([disk] path in backup.toml) must be exactly {capacity_bytes} bytes, like the primary's: resize it with `truncate -s {capacity_bytes} IMAGE` (the initial synchronisation then copies the primary's content)"
+                    ),
+                    other => hint_for(other),
+                };
                 return Err(ManifestError::Identity {
                     id: p.id,
                     primary: p.identity.clone(),
                     backup: d.identity,
-                    hint: hint_for(&p.identity),
+                    hint,
                 });
             }
             let v = d

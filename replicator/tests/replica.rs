@@ -146,6 +146,7 @@ impl Rig {
                 .map(|p| (p.id, p.stage().unwrap()))
                 .collect(),
             memory_digest: None,
+            disk: None,
         };
         let (mut data, mut end) = (Vec::new(), Vec::new());
         self.encoder
@@ -305,6 +306,7 @@ fn every_epoch_carries_every_part_once() {
         data: vec![0x66; 4096],
         sections: vec![(r.primary_parts[0].id, r.primary_parts[0].stage().unwrap())],
         memory_digest: None,
+        disk: None,
     };
     let (mut d, mut e) = (Vec::new(), Vec::new());
     r.encoder.encode_epoch(&staged, &mut d, &mut e).unwrap();
@@ -324,6 +326,7 @@ fn every_epoch_carries_every_part_once() {
             (r.primary_parts[1].id, r.primary_parts[1].stage().unwrap()),
         ],
         memory_digest: None,
+        disk: None,
     };
     let (mut d, mut e) = (Vec::new(), Vec::new());
     r.encoder.encode_epoch(&staged, &mut d, &mut e).unwrap();
@@ -344,6 +347,7 @@ fn every_epoch_carries_every_part_once() {
             (stranger.id, stranger.stage().unwrap()),
         ],
         memory_digest: None,
+        disk: None,
     };
     let (mut d, mut e) = (Vec::new(), Vec::new());
     r.encoder.encode_epoch(&staged, &mut d, &mut e).unwrap();
@@ -395,6 +399,7 @@ fn duplicate_pages_and_oversized_epochs_are_refused() {
             .map(|p| (p.id, p.stage().unwrap()))
             .collect(),
         memory_digest: None,
+        disk: None,
     };
     let (mut d, mut e) = (Vec::new(), Vec::new());
     r.encoder.encode_epoch(&staged, &mut d, &mut e).unwrap();

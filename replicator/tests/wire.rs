@@ -298,9 +298,9 @@ fn bad_magic() {
 
 #[test]
 fn unsupported_version() {
-    assert_eq!((MIN_PROTOCOL_VERSION, PROTOCOL_VERSION), (2, 3));
-    assert_eq!(PROTOCOL_VERSIONS, VersionRange::new(2, 3));
-    for got in [0u16, 1, 4, 0xffff] {
+    assert_eq!((MIN_PROTOCOL_VERSION, PROTOCOL_VERSION), (2, 4));
+    assert_eq!(PROTOCOL_VERSIONS, VersionRange::new(2, 4));
+    for got in [0u16, 1, 5, 0xffff] {
         let mut b = encode(&samples()[9]);
         b[4..6].copy_from_slice(&got.to_le_bytes());
         reseal(&mut b);
@@ -309,7 +309,7 @@ fn unsupported_version() {
             WireError::UnsupportedVersion {
                 got,
                 min: 2,
-                max: 3
+                max: 4
             },
             "version {got}"
         );
@@ -321,13 +321,13 @@ fn unsupported_version() {
         WireError::UnsupportedVersion {
             got: 1,
             min: 2,
-            max: 3
+            max: 4
         }
     ));
     let msg = err(&b, &Limits::default()).to_string();
-    assert!(msg.contains("version 1") && msg.contains("2 to 3"), "{msg}");
-    // Both spoken versions are accepted.
-    for v in [2u16, 3] {
+    assert!(msg.contains("version 1") && msg.contains("2 to 4"), "{msg}");
+    // Every spoken version is accepted.
+    for v in [2u16, 3, 4] {
         let b = raw_frame_at(v, FrameType::Ack as u16, 1, &[]);
         let (f, _) = wire::decode(&b, &Limits::default()).unwrap();
         assert_eq!((f.header.version, f.body), (v, BodyRef::Ack));
@@ -337,11 +337,19 @@ fn unsupported_version() {
 #[test]
 fn unknown_frame_type() {
     // 3, 4 and 5 (protocol 1's state frames) are retired.
-    for ty in [0u16, 3, 4, 5, 11, 0xffff] {
+    for ty in [0u16, 3, 4, 5, 12, 0xffff] {
         let b = raw_frame(ty, 1, &[]);
         assert_eq!(
             err(&b, &Limits::default()),
             WireError::UnknownFrameType { got: ty }
+        );
+    }
+    // DiskBatch (11) exists from protocol 4 on only.
+    for v in [2u16, 3] {
+        let b = raw_frame_at(v, 11, 1, &[0; 8]);
+        assert_eq!(
+            err(&b, &Limits::default()),
+            WireError::UnknownFrameType { got: 11 }
         );
     }
 }
@@ -907,7 +915,7 @@ fn hello_manifest_round_trip_and_limits() {
         panic!("{:?}", d.body)
     };
     assert_eq!(h, hello);
-    assert_eq!(h.versions, VersionRange::new(2, 3));
+    assert_eq!(h.versions, VersionRange::new(2, 4));
     // Hello's layout is the same in version 2 (so peers can negotiate).
     let mut b2 = Vec::new();
     f.encode_at(2, &mut b2).unwrap();
@@ -1085,8 +1093,8 @@ fn heartbeat_generation_is_version_3_only() {
     let (d, _) = wire::decode(&b3, &l).unwrap();
     assert_eq!(d.body, BodyRef::Heartbeat(hb));
     assert_eq!(d.to_owned(), f);
-    // `encode` writes the newest version.
-    assert_eq!(encode(&f), b3);
+    // `encode` writes the newest version (4: the heartbeat of version 3).
+    assert_eq!(encode(&f)[HEADER_LEN..], b3[HEADER_LEN..]);
     // Version 2's payload is version 3's without the generation.
     assert_eq!(b2[HEADER_LEN..], b3[HEADER_LEN..HEADER_LEN + 16]);
     // No other frame's payload depends on the version.

@@ -76,6 +76,7 @@ fn flood_epoch(epoch: u64, vm: &Vm, parts: &castor_parts::PartSet) -> (Vec<u8>, 
         data: Vec::new(),
         sections: stage_parts(parts).unwrap(),
         memory_digest: None,
+        disk: None,
     };
     let mut sections = Vec::new();
     let mut end = Vec::new();

@@ -70,7 +70,12 @@ fn disk_blocks_read_back_from_the_host_image() {
     vm.devices().add_virtio_blk(blk).expect("add blk");
     let blocks = 64;
     vm.boot(&GuestBoot {
-        workload: Workload::Disk(DiskParams { blocks }),
+        workload: Workload::Disk(DiskParams {
+            blocks,
+            continuous: false,
+            rate: 0,
+            ops: 0,
+        }),
         seed: 7,
     })
     .expect("boot");

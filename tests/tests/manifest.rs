@@ -233,7 +233,7 @@ fn peer_two_versions_away_is_refused_naming_both_versions() {
             e.message
         );
         assert!(
-            e.message.contains("2 to 3"),
+            e.message.contains("2 to 4"),
             "the refusal does not name this build's versions: {}",
             e.message
         );

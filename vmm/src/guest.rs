@@ -121,6 +121,21 @@ impl Default for NetParams {
 pub struct DiskParams {
     /// Number of 4 KiB blocks written from the start of the disk.
     pub blocks: u64,
+    /// Run forever: random numbered, checksummed block writes, a flush every
+    /// 8 writes, and a read-back of every block in turn checked against what
+    /// the guest believes it wrote, reported as records (a mismatch is a
+    /// record with `_reserved = 1`, then a panic). `false`: the one-shot
+    /// device test (write, flush, read back, malformed requests, done).
+    #[serde(default)]
+    pub continuous: bool,
+    /// Operations (a write plus a read-back) per second in continuous mode;
+    /// 0: as fast as the device answers.
+    #[serde(default)]
+    pub rate: u64,
+    /// Continuous mode: stop (done) after this many operations, each
+    /// block then read back once more; 0: never.
+    #[serde(default)]
+    pub ops: u64,
 }
 
 fn write_device_config(
@@ -164,12 +179,17 @@ impl NetParams {
                 port: self.port as u32,
                 rate: self.rate,
                 disk_blocks: 0,
+                disk_continuous: 0,
+                disk_ops: 0,
             },
         )
     }
 }
 
 impl DiskParams {
+    /// Most blocks the continuous disk workload tracks.
+    pub const MAX_CONTINUOUS_BLOCKS: u64 = castor_guest_abi::MAX_CONTINUOUS_DISK_BLOCKS;
+
     /// Checks the parameters against the VM's devices and writes the guest's
     /// [`castor_guest_abi::DeviceConfig`].
     pub fn write_config(
@@ -187,6 +207,13 @@ impl DiskParams {
                 "the disk workload needs at least one block".into(),
             ));
         }
+        if self.continuous && self.blocks > castor_guest_abi::MAX_CONTINUOUS_DISK_BLOCKS {
+            return Err(Error::InvalidConfig(format!(
+                "the continuous disk workload tracks at most {} blocks, not {}",
+                castor_guest_abi::MAX_CONTINUOUS_DISK_BLOCKS,
+                self.blocks
+            )));
+        }
         write_device_config(
             mem,
             &castor_guest_abi::DeviceConfig {
@@ -194,6 +221,9 @@ impl DiskParams {
                 net_mmio: bus.find(crate::devices::virtio::TYPE_NET).unwrap_or(0),
                 blk_mmio: blk,
                 disk_blocks: self.blocks,
+                disk_continuous: u64::from(self.continuous),
+                disk_ops: self.ops,
+                rate: self.rate,
                 ..Default::default()
             },
         )

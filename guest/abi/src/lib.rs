@@ -146,6 +146,15 @@ pub struct DeviceConfig {
     pub rate: u64,
     /// Number of [`DISK_BLOCK_BYTES`] blocks the disk workload writes.
     pub disk_blocks: u64,
+    /// Non-zero: the disk workload runs continuously (see [`disk_block`]):
+    /// writes numbered, checksummed blocks at random, flushes, and verifies
+    /// every block in turn against what it believes it wrote, reporting
+    /// through records, forever. `rate` is then its operations per second
+    /// (0: as fast as the device answers).
+    pub disk_continuous: u64,
+    /// Continuous disk workload: stop (DONE) after this many operations;
+    /// 0: never.
+    pub disk_ops: u64,
 }
 
 impl DeviceConfig {
@@ -165,6 +174,8 @@ impl DeviceConfig {
         out[44..48].copy_from_slice(&self.port.to_le_bytes());
         out[48..56].copy_from_slice(&self.rate.to_le_bytes());
         out[56..64].copy_from_slice(&self.disk_blocks.to_le_bytes());
+        out[64..72].copy_from_slice(&self.disk_continuous.to_le_bytes());
+        out[72..80].copy_from_slice(&self.disk_ops.to_le_bytes());
         out
     }
 
@@ -197,6 +208,8 @@ impl DeviceConfig {
             port: u32_at(44),
             rate: u64_at(48),
             disk_blocks: u64_at(56),
+            disk_continuous: u64_at(64),
+            disk_ops: u64_at(72),
         })
     }
 
@@ -218,6 +231,64 @@ pub const fn disk_pattern(seed: u64, block: u64, i: u64) -> u8 {
     let x = (seed ^ block.wrapping_mul(0x9e37_79b9_7f4a_7c15))
         .wrapping_add(i.wrapping_mul(0x0100_0000_01b3));
     (x ^ (x >> 29) ^ (x >> 47)) as u8
+}
+
+/// Most blocks the continuous disk workload tracks (its table of rounds,
+/// 4 bytes a block, lives in guest RAM: 1 MiB).
+pub const MAX_CONTINUOUS_DISK_BLOCKS: u64 = 1 << 18;
+
+/// Magic at the start of every block the continuous disk workload writes.
+pub const DISK_BLOCK_MAGIC: u64 = 0x4b4c_4252_4f54_5343; // "CSTORBLK"
+
+/// Fills `out` (one [`DISK_BLOCK_BYTES`] block) with the content the
+/// continuous disk workload writes as round `round` (>= 1) of block `block`:
+/// magic, block, round, checksum of the rest, then a seeded pattern. Round 0
+/// (never written) is an all-zero block.
+pub fn disk_block(seed: u64, block: u64, round: u64, out: &mut [u8]) {
+    if round == 0 {
+        out.fill(0);
+        return;
+    }
+    let s = seed ^ round.wrapping_mul(0xd6e8_feb8_6659_fd93);
+    for (i, x) in out.iter_mut().enumerate().skip(32) {
+        *x = disk_pattern(s, block, i as u64);
+    }
+    let sum = disk_block_checksum(out);
+    out[0..8].copy_from_slice(&DISK_BLOCK_MAGIC.to_le_bytes());
+    out[8..16].copy_from_slice(&block.to_le_bytes());
+    out[16..24].copy_from_slice(&round.to_le_bytes());
+    out[24..32].copy_from_slice(&sum.to_le_bytes());
+}
+
+/// Checksum (FNV-1a) of a block's bytes after its 32-byte header.
+pub fn disk_block_checksum(b: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &x in b.iter().skip(32) {
+        h = (h ^ x as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// What a block of the continuous disk workload says of itself: `Some((block,
+/// round))` for a well-formed written block (magic and checksum right),
+/// `Some((u64::MAX, 0))` for an all-zero block, `None` for anything else
+/// (torn, foreign or corrupt).
+pub fn parse_disk_block(b: &[u8]) -> Option<(u64, u64)> {
+    let u64_at = |i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[i..i + 8]);
+        u64::from_le_bytes(w)
+    };
+    if b.len() < 32 {
+        return None;
+    }
+    if b.iter().all(|&x| x == 0) {
+        return Some((u64::MAX, 0));
+    }
+    if u64_at(0) != DISK_BLOCK_MAGIC || u64_at(24) != disk_block_checksum(b) {
+        return None;
+    }
+    Some((u64_at(8), u64_at(16)))
 }
 
 /// Access patterns of the dirtier.
@@ -436,6 +507,17 @@ mod tests {
     }
 
     #[test]
+    fn disk_blocks_describe_themselves() {
+        let mut b = [0u8; DISK_BLOCK_BYTES as usize];
+        disk_block(7, 12, 3, &mut b);
+        assert_eq!(parse_disk_block(&b), Some((12, 3)));
+        b[100] ^= 1;
+        assert_eq!(parse_disk_block(&b), None);
+        disk_block(7, 12, 0, &mut b);
+        assert_eq!(parse_disk_block(&b), Some((u64::MAX, 0)));
+    }
+
+    #[test]
     fn device_config_bytes_match_repr_c() {
         let c = DeviceConfig {
             magic: DEVICE_CONFIG_MAGIC,
@@ -448,8 +530,10 @@ mod tests {
             port: 7000,
             rate: 1000,
             disk_blocks: 64,
+            disk_continuous: 1,
+            disk_ops: 5,
         };
-        assert_eq!(DeviceConfig::SIZE, 64);
+        assert_eq!(DeviceConfig::SIZE, 80);
         // SAFETY: DeviceConfig is repr(C) plain integers with no padding.
         let raw = unsafe {
             core::slice::from_raw_parts(&c as *const DeviceConfig as *const u8, DeviceConfig::SIZE)
@@ -457,8 +541,8 @@ mod tests {
         assert_eq!(&c.to_bytes()[..], raw);
         assert_eq!(DeviceConfig::parse(&c.to_bytes()), Some(c));
         assert_eq!(c.mac_address(), [2, 0, 0, 0, 0, 9]);
-        assert_eq!(DeviceConfig::parse(&c.to_bytes()[..63]), None);
-        assert_eq!(DeviceConfig::parse(&[0u8; 64]), None);
+        assert_eq!(DeviceConfig::parse(&c.to_bytes()[..79]), None);
+        assert_eq!(DeviceConfig::parse(&[0u8; 80]), None);
         assert!(layout::DEVICE_CONFIG_ADDR + DeviceConfig::SIZE as u64 <= layout::PML4_ADDR);
     }
 

@@ -12,9 +12,9 @@ use crate::virtq::{
 use castor_guest_abi::{disk_pattern, status, BootInfo, DeviceConfig, DISK_BLOCK_BYTES};
 use core::ptr::{read_volatile, write_volatile};
 
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
+pub const T_IN: u32 = 0;
+pub const T_OUT: u32 = 1;
+pub const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
 const F_FLUSH: u64 = 1 << 9;
 
@@ -94,6 +94,9 @@ pub fn run(vcpu: u64, info: &BootInfo, cfg: &DeviceConfig) -> ! {
         rt::stop(status::BAD_BOOT_INFO);
     }
     let mut blk = Blk::new(cfg.blk_mmio);
+    if cfg.disk_continuous != 0 {
+        crate::disk_soak::run(&mut blk, info, cfg)
+    }
     let sectors_per_block = DISK_BLOCK_BYTES / 512;
     if cfg.disk_blocks * sectors_per_block > blk.capacity_sectors {
         panic!(

@@ -10,6 +10,7 @@
 
 mod dirtier;
 mod disk;
+mod disk_soak;
 mod mem;
 mod net;
 mod rt;

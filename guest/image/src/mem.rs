@@ -26,6 +26,11 @@ pub const TCP_BUF_BYTES: usize = 64 * 1024;
 pub const BLK_HDR: u64 = WORKLOAD_ADDR + 0x30_0000;
 /// virtio-blk data buffer.
 pub const BLK_DATA: u64 = BLK_HDR + 0x1000;
+/// The continuous disk workload's expected block, built for comparison.
+pub const BLK_EXPECT: u64 = BLK_HDR + 0x2000;
+/// The continuous disk workload's table: the round last written to each
+/// block (u32 each, up to `MAX_CONTINUOUS_DISK_BLOCKS`).
+pub const BLK_ROUNDS: u64 = WORKLOAD_ADDR + 0x40_0000;
 
 /// A `'static` mutable byte slice over guest RAM.
 ///

@@ -33,6 +33,10 @@ impl Backup {
                 replica.apply_sync_batch(b)?;
                 return Ok(());
             }
+            (BodyRef::DiskBatch(b), 0) => {
+                replica.apply_sync_disk(b)?;
+                return Ok(());
+            }
             _ if t == FrameType::EpochEnd || t.is_epoch_data() => {}
             _ => return Err(BackupError::UnexpectedFrame(t)),
         }
@@ -48,7 +52,10 @@ impl Backup {
         }
         // One cap for everything buffered, whatever the number of epochs.
         // The worst legitimate epoch carries every page raw: never refuse that.
-        let cap = self.cfg.max_epoch_bytes.max(largest_epoch_bytes(replica.limits()));
+        let cap = self
+            .cfg
+            .max_epoch_bytes
+            .max(largest_epoch_bytes(replica.limits()));
         let buffered: usize = pending.values().map(EpochAssembler::buffered_bytes).sum();
         if buffered + raw.len() > cap {
             return Err(CheckpointError::TooLarge { epoch: e, cap }.into());

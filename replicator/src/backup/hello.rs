@@ -118,7 +118,14 @@ impl Backup {
                 self.machine = Some(c);
             }
             let m = self.machine.as_ref().ok_or(BackupError::NoReplica)?;
-            self.replica = Some(Replica::new(m.vm.memory().clone(), &shape, m.parts.clone()));
+            let mut replica = Replica::new(m.vm.memory().clone(), &shape, m.parts.clone());
+            if let Some(disk) = m.vm.devices().disk() {
+                // The replica VM's disk is this host's image: blocks are
+                // written there at commit, through a handle of its own.
+                let file = disk.file().map_err(BackupError::DiskImage)?;
+                replica.set_disk(crate::disk::ReplicaDisk::new(file, disk.capacity_bytes()));
+            }
+            self.replica = Some(replica);
             // A replica that diverged is replaced: the fresh one answers
             // with committed epoch 0, so the primary synchronises fully.
             if diverged {

@@ -43,6 +43,9 @@ pub enum BackupError {
     /// No Hello from the primary in time.
     #[error("no Hello within {0:?}")]
     HelloTimeout(Duration),
+    /// The replica's disk image could not be opened for writing.
+    #[error("the replica's disk image: {0}")]
+    DiskImage(#[source] std::io::Error),
     /// The control stream closed before the primary's Hello.
     #[error("the control stream closed before the primary's Hello")]
     ClosedBeforeHello,

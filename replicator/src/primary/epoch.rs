@@ -30,11 +30,15 @@ impl Primary {
                     extra.extend(pages.iter().copied());
                 }
             }
+            if let Some(d) = self.disk.as_mut() {
+                d.resume_from(backup_committed);
+            }
         } else {
             // Epoch numbers keep increasing across sessions (the output buffer's
             // epochs do too); a fresh backup takes any first epoch. Output held
             // from an earlier session stays held until this backup commits.
             self.unacked_dirty.clear();
+            self.precopy_disk(out, board)?;
             extra.extend(self.precopy(out, board)?);
         }
         let mut next = Instant::now();
@@ -65,15 +69,22 @@ impl Primary {
             }
             self.wait_for_room(board)?;
             self.take_acks(board)?;
-            let staged = self.stage_epoch(&extra)?;
+            let mut staged = self.stage_epoch(&extra)?;
             extra.clear();
             self.unacked_dirty
                 .push_back((staged.epoch, staged.pages.clone()));
             let mut data = Vec::with_capacity(staged.pages.len() * PAGE / 4 + 4096);
             let mut end = Vec::with_capacity(128);
             let enc = self.encoder.encode_epoch(&staged, &mut data, &mut end);
-            self.staging = staged.data;
+            self.staging = std::mem::take(&mut staged.data);
+            if let (Some(side), Some(d)) = (self.disk.as_mut(), staged.disk.take()) {
+                side.give_back(d);
+            }
             let enc = enc?;
+            self.status
+                .disk_blocks
+                .fetch_add(enc.disk_blocks, Ordering::Relaxed);
+            metrics::counter!("castor_disk_blocks_total").increment(enc.disk_blocks);
             self.status
                 .wire_bytes
                 .fetch_add(enc.wire_bytes, Ordering::Relaxed);
@@ -151,6 +162,9 @@ impl Primary {
             while self.unacked_dirty.front().is_some_and(|(e, _)| *e <= a) {
                 self.unacked_dirty.pop_front();
             }
+            if let Some(d) = self.disk.as_mut() {
+                d.acked(a);
+            }
         }
         Ok(())
     }
@@ -175,6 +189,9 @@ impl Primary {
             self.status.acked.store(epoch, Ordering::Relaxed);
             while self.unacked_dirty.front().is_some_and(|(e, _)| *e <= epoch) {
                 self.unacked_dirty.pop_front();
+            }
+            if let Some(d) = self.disk.as_mut() {
+                d.acked(epoch);
             }
         }
         Ok(())
@@ -205,6 +222,23 @@ impl Primary {
                 data.resize(need, 0);
             }
             copy_pages(&self.vm, &pages, &mut data[..need])?;
+            // The disk's blocks of this epoch, read back while the device is
+            // quiescent (see crate::disk).
+            let td = Instant::now();
+            let disk = match self.disk.as_mut() {
+                Some(d) => Some(d.stage(epoch).map_err(|source| {
+                    PrimaryError::Checkpoint(crate::checkpoint::CheckpointError::Disk {
+                        epoch,
+                        source,
+                    })
+                })?),
+                None => None,
+            };
+            if disk.is_some() {
+                self.status
+                    .disk_pause_us
+                    .fetch_add(td.elapsed().as_micros() as u64, Ordering::Relaxed);
+            }
             // Seal first: the output part stages the buffer's position after it.
             self.output.seal(epoch)?;
             let sections = stage_parts(&self.parts)?;
@@ -222,6 +256,7 @@ impl Primary {
                 data: std::mem::take(&mut data),
                 sections,
                 memory_digest,
+                disk,
             })
         })();
         self.vm.resume();

@@ -24,6 +24,7 @@
 //! so the backup never stops protecting the guest.
 
 mod config;
+mod disk;
 mod epoch;
 #[cfg(feature = "fault-injection")]
 mod fault;
@@ -160,6 +161,8 @@ pub struct Primary {
     staging: Vec<u8>,
     /// When the epoch being staged was paused.
     paused_at: Instant,
+    /// The VM's protected disk, if it has a writable one.
+    disk: Option<disk::DiskSide>,
 }
 
 impl Primary {
@@ -174,6 +177,7 @@ impl Primary {
         let tracker = vm
             .dirty_backend()
             .map_or_else(|| "none".to_string(), |b| b.to_string());
+        let disk = disk::DiskSide::new(vm.devices().disk());
         let mut parts = castor_vmm::parts::vm_parts(&vm);
         parts.push(Arc::new(castor_net_buffer::OutputPart::new(output.clone())));
         Primary {
@@ -192,6 +196,7 @@ impl Primary {
             tracker,
             staging: Vec::new(),
             paused_at: Instant::now(),
+            disk,
         }
     }
 

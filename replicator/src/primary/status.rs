@@ -44,4 +44,10 @@ pub struct PrimaryStatus {
     pub dirty_bytes: AtomicU64,
     /// Whether the initial synchronisation is done (the guest is protected).
     pub protected: AtomicBool,
+    /// Disk blocks (4 KiB) the current initial synchronisation has sent.
+    pub disk_sync_blocks: AtomicU64,
+    /// Disk blocks carried by checkpoints so far.
+    pub disk_blocks: AtomicU64,
+    /// Time spent reading disk blocks back inside pauses, in microseconds.
+    pub disk_pause_us: AtomicU64,
 }

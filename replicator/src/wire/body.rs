@@ -86,6 +86,21 @@ pub struct Section {
     pub data: Vec<u8>,
 }
 
+/// `DiskBatch` flag: the guest completed a FLUSH during the epoch (the
+/// backup makes its image durable before acknowledging it).
+pub const DISK_FLAG_FLUSH: u32 = 1;
+
+/// Disk blocks written during an epoch (owned form; the entries use the
+/// `PageBatch` entry layout with the block number in place of the page
+/// number).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DiskBatch {
+    /// [`DISK_FLAG_FLUSH`] or 0.
+    pub flags: u32,
+    /// The entries (`page_number` is the 4 KiB block number).
+    pub blocks: PageBatch,
+}
+
 /// End of an epoch's checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EpochEnd {
@@ -128,6 +143,8 @@ pub enum Body {
     PageBatch(PageBatch),
     /// See [`Section`].
     Section(Section),
+    /// See [`DiskBatch`].
+    DiskBatch(DiskBatch),
     /// See [`EpochEnd`].
     EpochEnd(EpochEnd),
     /// Acknowledges the frame's epoch.
@@ -145,6 +162,7 @@ impl Body {
             Body::Hello(_) => FrameType::Hello,
             Body::PageBatch(_) => FrameType::PageBatch,
             Body::Section(_) => FrameType::Section,
+            Body::DiskBatch(_) => FrameType::DiskBatch,
             Body::EpochEnd(_) => FrameType::EpochEnd,
             Body::Ack => FrameType::Ack,
             Body::Heartbeat(_) => FrameType::Heartbeat,
@@ -160,6 +178,22 @@ pub struct Frame {
     pub epoch: u64,
     /// The body.
     pub body: Body,
+}
+
+fn encode_entries(b: &PageBatch, buf: &mut Vec<u8>) -> Result<(), WireError> {
+    let count = count_u32(b.pages.len(), "page batch")?;
+    buf.extend_from_slice(&count.to_le_bytes());
+    for p in &b.pages {
+        let len = u16::try_from(p.data.len()).map_err(|_| WireError::PayloadTooLarge {
+            len: p.data.len() as u64,
+            cap: u16::MAX.into(),
+        })?;
+        buf.extend_from_slice(&p.page_number.to_le_bytes());
+        buf.push(p.tag);
+        buf.extend_from_slice(&len.to_le_bytes());
+        buf.extend_from_slice(&p.data);
+    }
+    Ok(())
 }
 
 fn count_u32(n: usize, what: &'static str) -> Result<u32, WireError> {
@@ -219,20 +253,10 @@ impl Frame {
                 buf.extend_from_slice(h.tracker.as_bytes());
                 buf.extend_from_slice(&h.manifest);
             }
-            Body::PageBatch(b) => {
-                let count = count_u32(b.pages.len(), "page batch")?;
-                buf.extend_from_slice(&count.to_le_bytes());
-                for p in &b.pages {
-                    let len =
-                        u16::try_from(p.data.len()).map_err(|_| WireError::PayloadTooLarge {
-                            len: p.data.len() as u64,
-                            cap: u16::MAX.into(),
-                        })?;
-                    buf.extend_from_slice(&p.page_number.to_le_bytes());
-                    buf.push(p.tag);
-                    buf.extend_from_slice(&len.to_le_bytes());
-                    buf.extend_from_slice(&p.data);
-                }
+            Body::PageBatch(b) => encode_entries(b, buf)?,
+            Body::DiskBatch(d) => {
+                buf.extend_from_slice(&d.flags.to_le_bytes());
+                encode_entries(&d.blocks, buf)?;
             }
             Body::Section(sec) => {
                 buf.extend_from_slice(&sec.part.kind.as_u16().to_le_bytes());

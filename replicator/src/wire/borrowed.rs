@@ -4,8 +4,9 @@
 use std::fmt;
 
 use super::{
-    Body, EpochEnd, ErrorFrame, Frame, FrameType, Header, Heartbeat, Hello, Limits, PageBatch,
-    PageEntry, Role, Section, WireError, HEADER_LEN, MEMORY_DIGEST_LEN,
+    Body, DiskBatch, EpochEnd, ErrorFrame, Frame, FrameType, Header, Heartbeat, Hello, Limits,
+    PageBatch, PageEntry, Role, Section, WireError, DISK_FLAG_FLUSH, DISK_PROTOCOL_VERSION,
+    HEADER_LEN, MEMORY_DIGEST_LEN,
 };
 
 const HELLO_FIXED_LEN: usize = 40;
@@ -108,6 +109,12 @@ impl fmt::Debug for PageBatchRef<'_> {
 
 impl<'a> PageBatchRef<'a> {
     fn parse(payload: &'a [u8], limits: &Limits) -> Result<Self, WireError> {
+        Self::parse_with(payload, limits, limits.max_page_count)
+    }
+
+    /// Entries numbered below `max_index` (guest pages; for disk blocks the
+    /// receiver checks the range against its disk).
+    fn parse_with(payload: &'a [u8], limits: &Limits, max_index: u64) -> Result<Self, WireError> {
         let mut c = Cursor::new(payload);
         let count = c.u32("page batch count")?;
         if count > limits.max_batch_entries {
@@ -122,10 +129,10 @@ impl<'a> PageBatchRef<'a> {
         let mut e = Cursor::new(entries);
         for _ in 0..count {
             let page = e.u64("page entry")?;
-            if page >= limits.max_page_count {
+            if page >= max_index {
                 return Err(WireError::PageOutOfRange {
                     page,
-                    limit: limits.max_page_count,
+                    limit: max_index,
                 });
             }
             let _tag = e.u8("page entry")?;
@@ -209,6 +216,23 @@ impl<'a> Iterator for PageIter<'a> {
     }
 }
 
+/// A borrowed `DiskBatch` payload: its flags and its block entries (block
+/// number in `page_number`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskBatchRef<'a> {
+    /// `DISK_FLAG_FLUSH` or 0.
+    pub flags: u32,
+    /// The entries.
+    pub blocks: PageBatchRef<'a>,
+}
+
+impl DiskBatchRef<'_> {
+    /// Whether the guest flushed during the epoch.
+    pub fn flushed(&self) -> bool {
+        self.flags & DISK_FLAG_FLUSH != 0
+    }
+}
+
 /// A borrowed `Section` payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SectionRef<'a> {
@@ -229,6 +253,8 @@ pub enum BodyRef<'a> {
     PageBatch(PageBatchRef<'a>),
     /// One part's state.
     Section(SectionRef<'a>),
+    /// Disk blocks.
+    DiskBatch(DiskBatchRef<'a>),
     /// End of epoch.
     EpochEnd(EpochEnd),
     /// Ack of the header's epoch.
@@ -268,6 +294,10 @@ impl FrameRef<'_> {
                 part: sec.part,
                 version: sec.version,
                 data: sec.data.to_vec(),
+            }),
+            BodyRef::DiskBatch(d) => Body::DiskBatch(DiskBatch {
+                flags: d.flags,
+                blocks: d.blocks.to_owned(),
             }),
             BodyRef::EpochEnd(e) => Body::EpochEnd(*e),
             BodyRef::Ack => Body::Ack,
@@ -400,6 +430,23 @@ fn parse_body<'a>(
             })
         }
         FrameType::PageBatch => BodyRef::PageBatch(PageBatchRef::parse(payload, limits)?),
+        FrameType::DiskBatch => {
+            if version < DISK_PROTOCOL_VERSION {
+                return Err(WireError::UnknownFrameType {
+                    got: FrameType::DiskBatch as u16,
+                });
+            }
+            let flags = c.u32("disk batch flags")?;
+            if flags & !DISK_FLAG_FLUSH != 0 {
+                return Err(WireError::Malformed {
+                    what: "unknown disk batch flags",
+                });
+            }
+            BodyRef::DiskBatch(DiskBatchRef {
+                flags,
+                blocks: PageBatchRef::parse_with(c.rest(), limits, u64::MAX)?,
+            })
+        }
         FrameType::Section => {
             let kind = c.u16("section")?;
             let instance = c.u32("section")?;

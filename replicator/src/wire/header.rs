@@ -23,6 +23,9 @@ pub enum FrameType {
     Error = 9,
     /// One part's state at the epoch's pause (`castor_parts`).
     Section = 10,
+    /// Encoded disk blocks written in the epoch, and its flush flag
+    /// (protocol 4 on).
+    DiskBatch = 11,
 }
 
 impl FrameType {
@@ -36,13 +39,18 @@ impl FrameType {
             8 => FrameType::Heartbeat,
             9 => FrameType::Error,
             10 => FrameType::Section,
+            11 => FrameType::DiskBatch,
             _ => return None,
         })
     }
 
-    /// True for the frames counted by `EpochEnd` (pages and part sections).
+    /// True for the frames counted by `EpochEnd` (pages, part sections,
+    /// disk blocks).
     pub fn is_epoch_data(self) -> bool {
-        matches!(self, FrameType::PageBatch | FrameType::Section)
+        matches!(
+            self,
+            FrameType::PageBatch | FrameType::Section | FrameType::DiskBatch
+        )
     }
 }
 

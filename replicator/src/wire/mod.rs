@@ -12,7 +12,7 @@
 //! | Offset | Size | Field         | Notes                                               |
 //! |-------:|-----:|---------------|-----------------------------------------------------|
 //! | 0      | 4    | magic         | `b"CSTR"`                                           |
-//! | 4      | 2    | version       | protocol version, [`MIN_PROTOCOL_VERSION`]..=[`PROTOCOL_VERSION`] (2..=3), the one negotiated at `Hello` |
+//! | 4      | 2    | version       | protocol version, [`MIN_PROTOCOL_VERSION`]..=[`PROTOCOL_VERSION`] (2..=4), the one negotiated at `Hello` |
 //! | 6      | 2    | frame type    | see [`FrameType`]                                   |
 //! | 8      | 8    | epoch         | epoch the frame belongs to (`Ack`: the acked epoch)  |
 //! | 16     | 4    | payload_len   | bytes after the header; `<= Limits::max_payload`    |
@@ -43,10 +43,11 @@
 //! | 8    | `Heartbeat`   | `sent_at_nanos u64, last_committed_epoch u64`, and in version 3 `generation u64`                 |
 //! | 9    | `Error`       | `code u16, message_len u16, message [message_len]`                                                |
 //! | 10   | `Section`     | `part_kind u16, part_instance u32, section_version u16, data [rest]` (a part's state, `castor_parts`) |
+//! | 11   | `DiskBatch`   | protocol 4 on: `flags u32 (bit 0: the guest flushed during the epoch)`, `count u32`, then `count ×` entry: `block u64, tag u8, len u16, data [len]` (tags: see `crate::disk`; block range checked by the receiver against its disk) |
 //!
 //! # Epoch completeness and the content digest
 //!
-//! The *data frames* of an epoch are its `PageBatch` and `Section` frames
+//! The *data frames* of an epoch are its `PageBatch`, `Section` and `DiskBatch` frames
 //! (all carry the epoch in the header).
 //! They may travel on several streams, so they can arrive in any interleaving.
 //! `EpochEnd` (sent last, on the control stream, after all data-stream writes
@@ -88,10 +89,14 @@
 /// Frame magic, the first four bytes of every header.
 pub const MAGIC: [u8; 4] = *b"CSTR";
 /// The newest protocol version this crate speaks (and writes by default).
-/// Version 3 adds the sender's fencing generation to `Heartbeat`.
-pub const PROTOCOL_VERSION: u16 = 3;
-/// The oldest protocol version this crate still speaks: the one before
-/// [`PROTOCOL_VERSION`], so a pair upgrades one host at a time. Version 1
+/// Version 3 adds the sender's fencing generation to `Heartbeat`; version 4
+/// adds `DiskBatch` (a protected disk needs it; a pair without a disk still
+/// speaks 2 or 3 with an older peer).
+pub const PROTOCOL_VERSION: u16 = 4;
+/// The first protocol version with `DiskBatch` frames.
+pub const DISK_PROTOCOL_VERSION: u16 = 4;
+/// The oldest protocol version this crate still speaks, so a pair upgrades
+/// one host at a time (2: protocol 4 only added a frame type). Version 1
 /// (the first release, string-named state frames, no negotiation) is refused.
 pub const MIN_PROTOCOL_VERSION: u16 = 2;
 /// Every version this crate speaks, as announced in `Hello`.
@@ -115,11 +120,12 @@ mod tally;
 mod writer;
 
 pub use body::{
-    Body, EpochEnd, ErrorFrame, Frame, Heartbeat, Hello, PageBatch, PageEntry, Role, Section,
+    Body, DiskBatch, EpochEnd, ErrorFrame, Frame, Heartbeat, Hello, PageBatch, PageEntry, Role,
+    Section, DISK_FLAG_FLUSH,
 };
 pub use borrowed::{
-    decode, decode_owned, decode_payload, BodyRef, FrameIter, FrameRef, PageBatchRef, PageEntryRef,
-    PageIter, SectionRef,
+    decode, decode_owned, decode_payload, BodyRef, DiskBatchRef, FrameIter, FrameRef, PageBatchRef,
+    PageEntryRef, PageIter, SectionRef,
 };
 pub use error::{ErrorCode, Limits, WireError};
 pub use header::{FrameType, Header};

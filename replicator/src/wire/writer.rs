@@ -63,6 +63,9 @@ pub struct PageBatchWriter<'b> {
     start: usize,
     epoch: u64,
     count: u32,
+    frame_type: FrameType,
+    /// Where the entry count goes (after the `DiskBatch` flags).
+    count_at: usize,
 }
 
 impl<'b> PageBatchWriter<'b> {
@@ -75,6 +78,24 @@ impl<'b> PageBatchWriter<'b> {
             start,
             epoch,
             count: 0,
+            frame_type: FrameType::PageBatch,
+            count_at: start + HEADER_LEN,
+        }
+    }
+
+    /// Starts a `DiskBatch` frame (protocol 4) for `epoch` with `flags`:
+    /// the same entries, numbered by 4 KiB disk block.
+    pub fn begin_disk(buf: &'b mut Vec<u8>, epoch: u64, flags: u32) -> Self {
+        let start = begin_frame(buf);
+        buf.extend_from_slice(&flags.to_le_bytes());
+        buf.extend_from_slice(&0u32.to_le_bytes());
+        PageBatchWriter {
+            buf,
+            start,
+            epoch,
+            count: 0,
+            frame_type: FrameType::DiskBatch,
+            count_at: start + HEADER_LEN + 4,
         }
     }
 
@@ -132,12 +153,12 @@ impl<'b> PageBatchWriter<'b> {
 
     /// Writes the entry count and header; returns the header.
     pub fn finish(self) -> Result<Header, WireError> {
-        let at = self.start + HEADER_LEN;
+        let at = self.count_at;
         self.buf[at..at + 4].copy_from_slice(&self.count.to_le_bytes());
         end_frame(
             self.buf,
             self.start,
-            FrameType::PageBatch,
+            self.frame_type,
             self.epoch,
             PROTOCOL_VERSION,
         )

@@ -23,6 +23,7 @@ use virtio::mmio::{VirtioMmio, VirtioMmioState};
 
 pub use tap::{Tap, TapError};
 pub use virtio::blk::{BlkConfig, VirtioBlk};
+pub use virtio::blk_track::{DiskDirty, DiskTrackError, DiskTracker, DISK_BLOCK};
 pub use virtio::net::{NetConfig, TapTxSink, TxOutcome, TxSink, VirtioNet};
 
 /// Size of one device's MMIO window.
@@ -75,6 +76,8 @@ pub struct DeviceBus {
     /// Per slot, the interrupt a Linux guest's driver waits for (an irqfd);
     /// none for the built-in guest, which polls.
     irqs: RwLock<Vec<Option<Arc<vmm_sys_util::eventfd::EventFd>>>>,
+    /// The write log of the first virtio-blk device (a protected disk).
+    disk: RwLock<Option<Arc<DiskTracker>>>,
 }
 
 impl DeviceBus {
@@ -84,6 +87,7 @@ impl DeviceBus {
             mem,
             slots: RwLock::new(Vec::new()),
             irqs: RwLock::new(Vec::new()),
+            disk: RwLock::new(None),
         }
     }
 
@@ -103,7 +107,19 @@ impl DeviceBus {
 
     /// Adds a virtio-blk device; returns the guest-physical base of its window.
     pub fn add_virtio_blk(&self, blk: VirtioBlk) -> Result<u64, DeviceError> {
-        self.add(VirtioMmio::new(Box::new(blk)))
+        let tracker = blk.tracker();
+        let addr = self.add(VirtioMmio::new(Box::new(blk)))?;
+        let mut disk = self.disk.write().unwrap_or_else(|e| e.into_inner());
+        if disk.is_none() {
+            *disk = tracker;
+        }
+        Ok(addr)
+    }
+
+    /// The write log of the VM's (first) virtio-blk disk: what disk
+    /// replication harvests at each pause.
+    pub fn disk(&self) -> Option<Arc<DiskTracker>> {
+        self.disk.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Adds a virtio-net device; returns the guest-physical base of its window.

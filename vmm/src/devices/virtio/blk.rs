@@ -9,12 +9,14 @@
 //! byte, a zero-length used entry), never a VMM panic. Data reaches guest
 //! memory through vm-memory's `Bytes`, which marks the pages dirty.
 
+use super::blk_track::DiskTracker;
 use super::{BackendState, Processed, VirtioDevice, F_RING_EVENT_IDX, F_VERSION_1, TYPE_BLOCK};
 use crate::devices::DeviceError;
 use crate::memory::GuestMemoryMmap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::Bytes;
@@ -60,6 +62,8 @@ pub struct VirtioBlk {
     config: [u8; 8],
     /// Requests completed with each status (OK, IOERR, UNSUPP).
     pub completed: [u64; 3],
+    /// Blocks written and flushes since the last harvest (a protected disk).
+    tracker: Option<Arc<DiskTracker>>,
 }
 
 impl VirtioBlk {
@@ -75,12 +79,19 @@ impl VirtioBlk {
             .open(&cfg.path)
             .map_err(err)?;
         let len = file.metadata().map_err(err)?.len();
-        Ok(Self::from_file(
-            file,
-            len / SECTOR_SIZE,
+        let tracker = DiskTracker::new(
+            file.try_clone().map_err(err)?,
+            len / SECTOR_SIZE * SECTOR_SIZE,
             cfg.read_only,
-            &cfg.path,
-        ))
+        );
+        let mut blk = Self::from_file(file, len / SECTOR_SIZE, cfg.read_only, &cfg.path);
+        blk.tracker = Some(Arc::new(tracker));
+        Ok(blk)
+    }
+
+    /// The device's write log (what a protected disk replicates).
+    pub fn tracker(&self) -> Option<Arc<DiskTracker>> {
+        self.tracker.clone()
     }
 
     fn from_file(file: File, capacity_sectors: u64, read_only: bool, path: &Path) -> Self {
@@ -98,6 +109,7 @@ impl VirtioBlk {
             id,
             config: capacity_sectors.to_le_bytes(),
             completed: [0; 3],
+            tracker: None,
         }
     }
 
@@ -129,7 +141,12 @@ impl VirtioBlk {
         match ty {
             T_IN | T_OUT => self.rw(mem, ty == T_IN, sector, data),
             T_FLUSH => match self.file.sync_data() {
-                Ok(()) => (S_OK, 0),
+                Ok(()) => {
+                    if let Some(t) = &self.tracker {
+                        t.mark_flush();
+                    }
+                    (S_OK, 0)
+                }
                 Err(e) => {
                     log::warn!("virtio-blk: flush: {e}");
                     (S_IOERR, 0)
@@ -208,7 +225,14 @@ impl VirtioBlk {
                 off += len;
             }
             match self.file.write_all_at(&buf, start) {
-                Ok(()) => (S_OK, 0),
+                Ok(()) => {
+                    // After the write landed: a harvest between the two
+                    // sees the bit again at the next one.
+                    if let Some(t) = &self.tracker {
+                        t.mark(start, end);
+                    }
+                    (S_OK, 0)
+                }
                 Err(e) => {
                     log::warn!("virtio-blk: write at {start}: {e}");
                     (S_IOERR, 0)

@@ -2,6 +2,7 @@
 //! virtqueues from the `virtio-queue` crate.
 
 pub mod blk;
+pub mod blk_track;
 pub mod mmio;
 pub mod net;
 
