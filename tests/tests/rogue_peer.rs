@@ -73,6 +73,7 @@ const PAGE: usize = 4096;
 /// The version the rogue writes and offers up to (frame layouts used here
 /// are the same in every version from 3 on).
 const V: u16 = wire::PROTOCOL_VERSION;
+const VMIN: u16 = wire::MIN_PROTOCOL_VERSION;
 
 /// CRC-32 (IEEE, reflected, as `crc32fast`).
 fn crc32(data: &[u8]) -> u32 {
@@ -258,13 +259,13 @@ fn hand_built_frames_follow_the_documented_format() {
         V,
         T_HELLO,
         0,
-        &hello_payload(wire::MIN_PROTOCOL_VERSION, V, ROLE_PRIMARY, 0xfeed, &manifest),
+        &hello_payload(VMIN, V, ROLE_PRIMARY, 0xfeed, &manifest),
     );
     let mut theirs = Vec::new();
     Frame::new(
         0,
         Body::Hello(wire::Hello {
-            versions: castor_parts::VersionRange::new(wire::MIN_PROTOCOL_VERSION, V),
+            versions: castor_parts::VersionRange::new(VMIN, V),
             role: wire::Role::Primary,
             tracker: "rogue".into(),
             epoch_interval_ms: 10,
@@ -715,7 +716,7 @@ impl Known {
             V,
             T_HELLO,
             0,
-            &hello_payload(wire::MIN_PROTOCOL_VERSION, V, ROLE_PRIMARY, self.session, &m),
+            &hello_payload(VMIN, V, ROLE_PRIMARY, self.session, &m),
         )
     }
     fn hello_with(&self, m: &Manifest) -> Vec<u8> {
@@ -723,7 +724,7 @@ impl Known {
             V,
             T_HELLO,
             0,
-            &hello_payload(wire::MIN_PROTOCOL_VERSION, V, ROLE_PRIMARY, self.session, &m.encode().unwrap()),
+            &hello_payload(VMIN, V, ROLE_PRIMARY, self.session, &m.encode().unwrap()),
         )
     }
 }
@@ -1067,7 +1068,12 @@ fn rogue_peer_with_the_primary_key_cannot_break_the_backup() {
     });
     s.class("empty version range", &["Malformed"], None, {
         let m = k.manifest.encode().unwrap();
-        let f = frame(V, T_HELLO, 0, &hello_payload(V, V - 1, ROLE_PRIMARY, session, &m));
+        let f = frame(
+            V,
+            T_HELLO,
+            0,
+            &hello_payload(V, V - 1, ROLE_PRIMARY, session, &m),
+        );
         |c| async move { first_bytes(&c, &f, false).await }
     });
     s.class("4 GiB payload length", &["PayloadTooLarge"], None, {
@@ -1099,13 +1105,13 @@ fn rogue_peer_with_the_primary_key_cannot_break_the_backup() {
             V,
             T_HELLO,
             0,
-            &hello_payload(wire::MIN_PROTOCOL_VERSION, V, ROLE_BACKUP, session, &m),
+            &hello_payload(VMIN, V, ROLE_BACKUP, session, &m),
         );
         |c| async move { first_bytes(&c, &f, false).await }
     });
     s.class("unknown role", &["UnknownRole"], None, {
         let m = k.manifest.encode().unwrap();
-        let f = frame(V, T_HELLO, 0, &hello_payload(wire::MIN_PROTOCOL_VERSION, V, 9, session, &m));
+        let f = frame(V, T_HELLO, 0, &hello_payload(VMIN, V, 9, session, &m));
         |c| async move { first_bytes(&c, &f, false).await }
     });
     s.class("truncated Hello, stream finished", &["Truncated"], None, {
@@ -1134,12 +1140,12 @@ fn rogue_peer_with_the_primary_key_cannot_break_the_backup() {
             V,
             T_HELLO,
             0,
-            &hello_payload(wire::MIN_PROTOCOL_VERSION, V, ROLE_PRIMARY, session, &vec![0u8; (64 << 10) + 1]),
+            &hello_payload(VMIN, V, ROLE_PRIMARY, session, &vec![0u8; (64 << 10) + 1]),
         );
         |c| async move { first_bytes(&c, &f, false).await }
     });
     s.class("manifest length lies", &["Malformed"], None, {
-        let mut p = hello_payload(wire::MIN_PROTOCOL_VERSION, V, ROLE_PRIMARY, session, &[1, 2, 3]);
+        let mut p = hello_payload(VMIN, V, ROLE_PRIMARY, session, &[1, 2, 3]);
         p[36..40].copy_from_slice(&2u32.to_le_bytes());
         let f = frame(V, T_HELLO, 0, &p);
         |c| async move { first_bytes(&c, &f, false).await }
@@ -1149,7 +1155,7 @@ fn rogue_peer_with_the_primary_key_cannot_break_the_backup() {
             V,
             T_HELLO,
             0,
-            &hello_payload(wire::MIN_PROTOCOL_VERSION, V, ROLE_PRIMARY, session, &garbage(300, 77)),
+            &hello_payload(VMIN, V, ROLE_PRIMARY, session, &garbage(300, 77)),
         );
         |c| async move { first_bytes(&c, &f, false).await }
     });
@@ -1821,7 +1827,8 @@ fn capture_initials(
 
 /// Starts `n` handshakes with the backup that never complete: each sends a
 /// real client Initial from its own socket and then stays silent. Returns
-/// the sockets (keep them open) once the backup answered each.
+/// the sockets (keep them open) once the backup answered the first (a
+/// handshake is under way and stalled).
 fn stall_handshakes(
     rt: &tokio::runtime::Runtime,
     pid: &Identity,
@@ -1836,22 +1843,25 @@ fn stall_handshakes(
         for d in &dgrams {
             s.send_to(d, backup).unwrap();
         }
+        s.set_read_timeout(Some(STUCK)).unwrap();
         socks.push(s);
     }
-    for s in &socks {
-        s.set_read_timeout(Some(STUCK)).unwrap();
-        let mut buf = vec![0u8; 65536];
-        let (_, from) = s
-            .recv_from(&mut buf)
-            .expect("the backup never answered a client Initial");
-        assert_eq!(from, backup);
-    }
+    answered(&socks[0], backup);
     // Garbage datagrams too (not QUIC at all).
     let g = UdpSocket::bind("127.0.0.1:0").unwrap();
     for i in 0..16 {
         let _ = g.send_to(&garbage(1200, i + 1), backup);
     }
     socks
+}
+
+/// Asserts that the backup answered the Initial sent from `s`.
+fn answered(s: &UdpSocket, backup: SocketAddr) {
+    let mut buf = vec![0u8; 65536];
+    let (_, from) = s
+        .recv_from(&mut buf)
+        .expect("the backup never answered a client Initial (handshakes served one at a time?)");
+    assert_eq!(from, backup);
 }
 
 #[test]
@@ -1911,6 +1921,10 @@ fn stalled_unauthenticated_handshakes_do_not_delay_the_primary() {
         let before = backup.commits().len();
         p.replicate_until(rt, connect(), &backup, 10);
         assert!(backup.commits().len() >= before + 10, "round {round}");
+        // Every stalled handshake was under way (answered) meanwhile.
+        for sock in &stalled {
+            answered(sock, lb.addr);
+        }
         for t in intruders {
             let _ = rt.block_on(t);
         }
