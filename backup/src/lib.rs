@@ -10,7 +10,7 @@ pub mod config;
 use castor_node::{
     Detection, NetError, Protection, Reason, ReplicaIo, ReplicaNet, Role, StatusBoard,
 };
-use castor_replicator::backup::{Backup, GuardEvent, SessionEnd};
+use castor_replicator::backup::{Backup, GuardEnd, GuardEvent, SessionEnd};
 use castor_replicator::transport::{self, PeerCert, TransportConfig};
 pub use config::{Config, ConfigError};
 use std::sync::Arc;
@@ -65,6 +65,10 @@ pub fn run_with(cfg: Config, board: &Arc<StatusBoard>) -> Result<(), DaemonError
     );
     let mut backup = Backup::new(cfg.backup.clone(), io.vm_factory(cfg.dirty_tracking));
     board.watch_backup(backup.status());
+    // SIGTERM and `castor ctl SOCKET detach`: a graceful detach while this
+    // backup guards its primary (after a takeover SIGTERM ends the process).
+    board.set_detach(backup.detach_handle());
+    castor_node::signals::on_sigterm(&rt, board.clone())?;
     if let Some(path) = &cfg.commit_log {
         use std::io::Write;
         let mut file = std::fs::OpenOptions::new()
@@ -91,7 +95,7 @@ pub fn run_with(cfg: Config, board: &Arc<StatusBoard>) -> Result<(), DaemonError
     // One liveness rule across sessions (Backup::guard): whatever ends a
     // session, the backup goes back to accepting with the primary's deadline
     // running, and takes over only when nothing arrived for timeout_ms.
-    let lost = rt.block_on(backup.guard(&listener, |backup, event| match event {
+    let end = rt.block_on(backup.guard(&listener, |backup, event| match event {
         GuardEvent::Started(peer) => {
             board.session_started(peer.to_string(), backup.committed_epoch() > 0)
         }
@@ -121,6 +125,9 @@ pub fn run_with(cfg: Config, board: &Arc<StatusBoard>) -> Result<(), DaemonError
             },
             false,
         ),
+        GuardEvent::Ended(Ok(SessionEnd::Detached)) => {
+            board.unprotected(Reason::Detaching, false);
+        }
         GuardEvent::Ended(Err(e)) => {
             log::error!("session failed: {e}");
             board.unprotected(
@@ -131,6 +138,19 @@ pub fn run_with(cfg: Config, board: &Arc<StatusBoard>) -> Result<(), DaemonError
             );
         }
     }));
+    board.clear_detach();
+    let lost = match end {
+        GuardEnd::PrimaryLost(lost) => lost,
+        GuardEnd::Detached => {
+            log::warn!(
+                "detached on purpose: exiting without taking over (committed epoch {} dropped)",
+                backup.committed_epoch()
+            );
+            board.unprotected(Reason::Detaching, false);
+            castor_node::systemd::notify_stopping();
+            return Ok(());
+        }
+    };
     let detected = Detection::now();
     log::warn!(
         "primary lost ({lost}): taking over from epoch {}",

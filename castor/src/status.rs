@@ -45,7 +45,9 @@ pub struct CtlArgs {
     /// suspend: the primary runs its guest unprotected on purpose (held
     /// output released; a host failure then loses the guest); resume:
     /// reconnect and resynchronise the backup; status: as `castor status`;
-    /// detach: not available yet.
+    /// detach (on a backup's socket): say goodbye to the primary, which
+    /// runs on unprotected without pausing; the backup exits without
+    /// taking over.
     #[arg(value_parser = ["suspend", "resume", "status", "detach"])]
     pub command: String,
     /// Print the daemon's reply as JSON.

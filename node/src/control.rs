@@ -8,7 +8,7 @@
 //! | `status` | none | `{"ok":true,"status":{...}}` (as `/status`) |
 //! | `suspend` | the primary runs its guest unprotected on purpose | `{"ok":true,"message":...}` |
 //! | `resume` | protection resumes (reconnect, resync) | `{"ok":true,"message":...}` |
-//! | `detach` | *not yet*: a backup leaving for maintenance needs a wire-level goodbye | `{"ok":false,"error":...}` |
+//! | `detach` | on a backup: say goodbye to the primary (it runs on unprotected, no pause), never take over, exit | `{"ok":true,...}` |
 //!
 //! Anything else is answered `{"ok":false,"error":...}`.
 
@@ -84,7 +84,7 @@ pub enum Command {
     Suspend,
     /// Resume protection.
     Resume,
-    /// Detach the backup for maintenance (not available yet).
+    /// Detach the backup for maintenance (on the backup's socket).
     Detach,
 }
 
@@ -160,15 +160,20 @@ pub fn handle(board: &StatusBoard, cmd: Option<Command>) -> Reply {
             }
             Err(e) => refused(e.to_string()),
         },
-        // The hook for a graceful detach: once the wire protocol has a
-        // goodbye (the backup tells the primary it leaves on purpose, and the
-        // primary runs on unprotected instead of applying its loss policy),
-        // `detach` on a backup sends it and exits, and SIGTERM does the same.
-        Some(Command::Detach) => refused(
-            "detach is not available yet: it needs a goodbye in the replication protocol; \
-             for maintenance, run `castor ctl PRIMARY_SOCKET suspend` on the primary, then stop the backup"
-                .into(),
-        ),
+        // A backup leaves the pair on purpose: it tells its primary (which
+        // runs on unprotected instead of applying its loss policy), never
+        // takes over, and exits. SIGTERM does the same.
+        Some(Command::Detach) => match board.request_detach() {
+            Some(_) => {
+                log::warn!("control: the operator detached this backup");
+                done("detaching: the primary runs on unprotected; this backup exits without taking over")
+            }
+            None => refused(
+                "detach applies to a backup guarding a primary (run it against the backup's socket); \
+                 to run this primary unprotected on purpose, use `suspend`"
+                    .into(),
+            ),
+        },
     }
 }
 
@@ -294,10 +299,17 @@ mod tests {
             Err(ControlError::Refused(m)) => assert!(m.contains("runs no guest"), "{m}"),
             other => panic!("{other:?}"),
         }
+        // No backup guard registered yet: detach is refused with the reason.
         match request(&path, Command::Detach) {
-            Err(ControlError::Refused(m)) => assert!(m.contains("goodbye"), "{m}"),
+            Err(ControlError::Refused(m)) => assert!(m.contains("guarding a primary"), "{m}"),
             other => panic!("{other:?}"),
         }
+        // Registered: detach reaches the backup's handle.
+        let handle = castor_replicator::backup::DetachHandle::default();
+        board.set_detach(handle.clone());
+        let r = request(&path, Command::Detach).unwrap();
+        assert!(r.ok, "{r:?}");
+        assert!(handle.is_requested());
         let mut c = UnixStream::connect(&path).unwrap();
         c.write_all(b"reboot\n").unwrap();
         let mut s = String::new();

@@ -31,6 +31,7 @@ pub mod net;
 pub mod protect;
 pub mod replica;
 pub mod runtime;
+pub mod signals;
 pub mod sinks;
 pub mod status;
 pub mod systemd;

@@ -185,6 +185,9 @@ pub fn protect(
     let tcfg = TransportConfig::default();
     let mut paused_for_loss = false;
     let mut warned = false;
+    // The backup said goodbye (planned maintenance): run on unprotected,
+    // whatever the loss policy, until a backup attaches again.
+    let mut detached = false;
     loop {
         if switch.is_suspended() {
             log::warn!(
@@ -215,6 +218,7 @@ pub fn protect(
         let reason = match conn {
             Ok(conn) => {
                 warned = false;
+                detached = false;
                 if buffer.is_unprotected() {
                     // The pipeline holds output again from the first checkpoint
                     // of the synchronisation (in its pause), not from here: the
@@ -235,6 +239,15 @@ pub fn protect(
                 match end {
                     Err(PrimaryError::Stopped) if switch.is_suspended() => continue,
                     Err(PrimaryError::Stopped) => return,
+                    Err(PrimaryError::Detached) => {
+                        log::warn!(
+                            "!!! the backup {} DETACHED on purpose (maintenance): the guest runs UNPROTECTED \
+                             (held output released, no pause) until a backup attaches again",
+                            p.backup
+                        );
+                        detached = true;
+                        Reason::BackupDetached
+                    }
                     Err(PrimaryError::Refused { message, .. }) => {
                         log::error!(
                             "replication to {}: the backup refused this primary: {message}",
@@ -269,6 +282,17 @@ pub fn protect(
             }
         };
         if switch.is_suspended() {
+            continue;
+        }
+        if detached {
+            // A planned detach is not a loss: never pause for it.
+            run_unprotected(&buffer, release.as_ref());
+            if paused_for_loss {
+                vm.resume();
+                paused_for_loss = false;
+            }
+            board.unprotected(Reason::BackupDetached, false);
+            switch.sleep(Duration::from_millis(200));
             continue;
         }
         match p.on_backup_loss {

@@ -74,6 +74,12 @@ pub enum Reason {
     },
     /// The operator suspended protection (`castor ctl SOCKET suspend`).
     Suspended,
+    /// The backup detached on purpose (SIGTERM or `castor ctl SOCKET
+    /// detach` on the backup): the guest runs unprotected until a backup
+    /// attaches again.
+    BackupDetached,
+    /// This backup is detaching on purpose and will not take over.
+    Detaching,
     /// This host took the guest over and has no new backup configured.
     TookOver,
     /// A backup waiting for its primary.
@@ -96,6 +102,12 @@ impl std::fmt::Display for Reason {
                 write!(f, "backup refused this primary: {message}")
             }
             Reason::Suspended => f.write_str("suspended by the operator"),
+            Reason::BackupDetached => f.write_str(
+                "the backup detached on purpose (maintenance): running unprotected until a backup attaches",
+            ),
+            Reason::Detaching => {
+                f.write_str("detaching on purpose: the primary runs on unprotected; no takeover")
+            }
             Reason::TookOver => {
                 f.write_str("took over, no new backup configured: start a new backup and re-pair")
             }
@@ -388,6 +400,8 @@ pub struct StatusBoard {
     started: Instant,
     inner: Mutex<Inner>,
     switch: Arc<crate::protect::ProtectSwitch>,
+    /// A backup's planned-detach handle (`castor ctl SOCKET detach`).
+    detach: Mutex<Option<castor_replicator::backup::DetachHandle>>,
 }
 
 /// Unix time now, in seconds.
@@ -405,6 +419,7 @@ impl StatusBoard {
         Arc::new(StatusBoard {
             started: now,
             switch: Arc::new(crate::protect::ProtectSwitch::default()),
+            detach: Mutex::new(None),
             inner: Mutex::new(Inner {
                 role,
                 took_over: false,
@@ -444,6 +459,27 @@ impl StatusBoard {
     /// The suspend/resume switch of this daemon's protect loop.
     pub fn switch(&self) -> &Arc<crate::protect::ProtectSwitch> {
         &self.switch
+    }
+
+    /// Lets the control socket's `detach` reach this backup.
+    pub fn set_detach(&self, handle: castor_replicator::backup::DetachHandle) {
+        *self.detach.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+    }
+
+    /// Asks this backup to detach. `None` on a daemon that is not a backup
+    /// guarding a primary (a primary, or a backup that took over); else
+    /// whether the request is new.
+    pub fn request_detach(&self) -> Option<bool> {
+        self.detach
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|h| h.request())
+    }
+
+    /// Forgets the detach handle (the backup took over: it is a primary now).
+    pub fn clear_detach(&self) {
+        *self.detach.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// The current protection state.

@@ -82,6 +82,7 @@ fn pair(backup_mac: Option<[u8; 6]>) -> (PrimaryError, String, u64) {
             Ok(SessionEnd::Refused(w)) => format!("refused: {w}"),
             Ok(SessionEnd::ProtocolError(w)) => format!("protocol: {w}"),
             Ok(SessionEnd::PrimaryLost(w)) => format!("lost: {w}"),
+            Ok(SessionEnd::Detached) => "detached".into(),
             Err(e) => format!("error: {e}"),
         };
         (end, backup.committed_epoch())

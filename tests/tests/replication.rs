@@ -133,6 +133,7 @@ fn run_pair(p: Params) -> Outcome {
                     Ok(SessionEnd::ProtocolError(w)) => format!("protocol: {w}"),
                     Ok(SessionEnd::PrimaryLost(w)) => format!("lost: {w}"),
                     Ok(SessionEnd::Refused(w)) => format!("refused: {w}"),
+                    Ok(SessionEnd::Detached) => "detached".into(),
                     Err(e) => format!("error: {e}"),
                 });
             }

@@ -13,34 +13,45 @@ use std::time::Instant;
 impl Backup {
     /// Serves primaries from `listener`, one session at a time, handshakes
     /// completing concurrently (each within `handshake_timeout`), until the
-    /// primary is gone while a committed replica exists: then returns why,
-    /// and the caller takes over. `events` sees each session start and end.
+    /// primary is gone while a committed replica exists (then returns why,
+    /// and the caller takes over) or a detach is requested (the primary, if
+    /// in session, is told goodbye; never a takeover). `events` sees each
+    /// session start and end.
     pub async fn guard(
         &mut self,
         listener: &Listener,
         mut events: impl FnMut(&Self, GuardEvent<'_>),
-    ) -> Lost {
+    ) -> GuardEnd {
         let mut incoming = listener.incoming(self.cfg.handshake_timeout);
+        let detach = self.detach.clone();
         loop {
+            if detach.is_requested() {
+                return GuardEnd::Detached;
+            }
             let deadline = (self.committed_epoch() > 0)
                 .then(|| self.last_heard.unwrap_or_else(Instant::now) + self.cfg.peer_timeout);
             let next = match deadline {
                 Some(d) => {
                     tokio::select! {
                         biased;
+                        _ = detach.requested() => return GuardEnd::Detached,
                         c = incoming.recv() => c,
                         _ = tokio::time::sleep_until(d.into()) => {
                             let silent = self
                                 .last_heard
                                 .map_or(self.cfg.peer_timeout, |h| h.elapsed());
-                            return Lost::Silent(silent);
+                            return GuardEnd::PrimaryLost(Lost::Silent(silent));
                         }
                     }
                 }
-                None => incoming.recv().await,
+                None => tokio::select! {
+                    biased;
+                    _ = detach.requested() => return GuardEnd::Detached,
+                    c = incoming.recv() => c,
+                },
             };
             let conn = match next {
-                None => return Lost::ConnectionClosed,
+                None => return GuardEnd::PrimaryLost(Lost::ConnectionClosed),
                 Some(Err(e)) => {
                     log::warn!("refused a connection: {e}");
                     continue;
@@ -56,8 +67,23 @@ impl Backup {
                 );
             }
             events(self, GuardEvent::Ended(&end));
+            if let Ok(SessionEnd::Detached) = end {
+                return GuardEnd::Detached;
+            }
         }
     }
+}
+
+/// How [`Backup::guard`] ended.
+#[derive(Debug, thiserror::Error)]
+pub enum GuardEnd {
+    /// The primary is gone and a committed replica exists: take over.
+    #[error("primary lost: {0}")]
+    PrimaryLost(Lost),
+    /// This backup detached on purpose (the primary, if in session, was
+    /// told): exit, never take over.
+    #[error("detached on purpose")]
+    Detached,
 }
 
 /// What [`Backup::guard`] reports as it goes.

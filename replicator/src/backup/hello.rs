@@ -201,7 +201,8 @@ impl Backup {
                 log::warn!("primary lost: {why}");
                 conn.close(ErrorCode::PeerLost.close_code(), "primary lost");
             }
-            Ok(SessionEnd::Refused(_)) => {}
+            // Closed by the goodbye, with its own code.
+            Ok(SessionEnd::Refused(_)) | Ok(SessionEnd::Detached) => {}
             Err(_) => conn.close(ErrorCode::Internal.close_code(), "backup error"),
         }
         end

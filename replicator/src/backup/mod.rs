@@ -12,12 +12,14 @@
 //! primary reconnects and resyncs.
 
 mod commit;
+mod detach;
 mod guard;
 mod hello;
 mod session;
 mod takeover;
 
-pub use guard::GuardEvent;
+pub use detach::DetachHandle;
+pub use guard::{GuardEnd, GuardEvent};
 pub use takeover::Takeover;
 
 use crate::checkpoint::{CheckpointError, Replica};
@@ -206,6 +208,9 @@ pub enum SessionEnd {
     /// manifest this backup's configuration cannot restore); the replica,
     /// if any, is kept.
     Refused(Refusal),
+    /// This backup detached on purpose ([`DetachHandle`]) and told the
+    /// primary so.
+    Detached,
 }
 
 /// Why the backup judged the primary lost.
@@ -283,6 +288,8 @@ pub struct Backup {
     commit_log: Option<Box<dyn FnMut(u64) + Send>>,
     /// When anything from the primary last arrived, over all sessions.
     last_heard: Option<Instant>,
+    /// A planned detach, requested from outside.
+    detach: DetachHandle,
 }
 
 impl Backup {
@@ -298,7 +305,14 @@ impl Backup {
             status: Arc::new(BackupStatus::default()),
             commit_log: None,
             last_heard: None,
+            detach: DetachHandle::default(),
         }
+    }
+
+    /// The handle that makes this backup detach (say goodbye and never
+    /// take over): for SIGTERM and the control socket's `detach`.
+    pub fn detach_handle(&self) -> DetachHandle {
+        self.detach.clone()
     }
 
     /// Records that the primary was heard at `t` (never moves back).

@@ -101,10 +101,15 @@ impl Backup {
                 .min(self.cfg.heartbeat.max(Duration::from_millis(5)));
             let event = tokio::select! {
                 e = events.recv() => e.unwrap_or(Event::Closed),
+                _ = self.detach.requested() => Event::Detach,
                 _ = tokio::time::sleep(budget) => Event::Tick,
             };
             let frame = match event {
                 Event::Tick => continue,
+                Event::Detach => {
+                    self.say_goodbye(&conn, &mut ctl_tx).await;
+                    return Ok(SessionEnd::Detached);
+                }
                 Event::Closed => return Ok(SessionEnd::PrimaryLost(Lost::ConnectionClosed)),
                 Event::Datagram(Ok(_)) => continue,
                 // A malformed datagram from a live primary is a protocol
@@ -179,11 +184,39 @@ impl Backup {
 }
 
 enum Event {
+    /// A planned detach was requested.
+    Detach,
     Control(Result<Option<Queued>, TransportError>),
     Data(Result<Option<Queued>, TransportError>),
     Datagram(Result<Frame, TransportError>),
     Tick,
     Closed,
+}
+
+impl Backup {
+    /// Tells the primary this backup leaves on purpose (an `Error` frame
+    /// with `ErrorCode::Detach`, the stream finished, the connection closed
+    /// with the same code once the primary had a moment to read it).
+    async fn say_goodbye(&self, conn: &Connection, ctl_tx: &mut FrameSender) {
+        log::warn!(
+            "detaching on purpose: telling the primary at {} to run on unprotected",
+            conn.remote_address()
+        );
+        let _ = ctl_tx
+            .send(&Frame::new(
+                0,
+                Body::Error(wire::ErrorFrame {
+                    code: ErrorCode::Detach.as_u16(),
+                    message: "the backup is detaching on purpose (maintenance); it will not take over"
+                        .into(),
+                }),
+            ))
+            .await;
+        let _ = ctl_tx.finish();
+        // The primary closes the connection when it reads the goodbye.
+        let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
+        conn.close(ErrorCode::Detach.close_code(), "detached");
+    }
 }
 
 /// A frame read off a stream, holding its bytes' share of the queue bound

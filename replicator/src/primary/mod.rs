@@ -132,6 +132,10 @@ pub enum PrimaryError {
     /// starved): the backup may have taken over, so it fenced itself.
     #[error("this primary was silent for {0:?}: fenced (the backup may have taken over)")]
     Fenced(Duration),
+    /// The backup said goodbye: it leaves on purpose (maintenance) and will
+    /// not take over. Not a loss: the primary runs on unprotected.
+    #[error("the backup detached on purpose")]
+    Detached,
     /// Stopped on request.
     #[error("stopped")]
     Stopped,

@@ -244,6 +244,11 @@ pub(super) async fn ack_task(
                 board.cv.notify_all();
             }
             Body::Heartbeat(_) => {}
+            Body::Error(err) if err.code == wire::ErrorCode::Detach.as_u16() => {
+                log::warn!("the backup detaches on purpose: {}", err.message);
+                board.fail(PrimaryError::Detached);
+                return;
+            }
             Body::Error(err) => {
                 board.fail(PrimaryError::Peer {
                     code: err.code,

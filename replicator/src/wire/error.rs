@@ -173,6 +173,10 @@ pub enum ErrorCode {
     NotRestorable = 12,
     /// The replica's memory diverged from the primary's: full resync.
     Diverged = 13,
+    /// The backup leaves the pair on purpose (maintenance: SIGTERM, `castor
+    /// ctl detach`) and will not take over: the primary runs on unprotected
+    /// instead of applying its backup-loss policy.
+    Detach = 14,
 }
 
 impl ErrorCode {
@@ -187,6 +191,7 @@ impl ErrorCode {
             11 => ErrorCode::Manifest,
             12 => ErrorCode::NotRestorable,
             13 => ErrorCode::Diverged,
+            14 => ErrorCode::Detach,
             _ => return None,
         })
     }
