@@ -226,7 +226,10 @@ fn primary_sigkill_matrix_keeps_one_history() {
         // A few kills from the start (during the initial synchronisation),
         // most in steady state, counted from the first commit.
         let (delay, from) = if i % 6 == 0 {
-            (Duration::from_millis(rng.gen_range(0..250)), KillFrom::Start)
+            (
+                Duration::from_millis(rng.gen_range(0..250)),
+                KillFrom::Start,
+            )
         } else {
             (
                 Duration::from_millis(rng.gen_range(0..600)),
@@ -464,7 +467,11 @@ fn primary_then_backup_killed_in_turn_with_reprotection_between() {
 fn is_stopped(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| s.rsplit(')').next().map(|r| r.trim_start().starts_with('T')))
+        .and_then(|s| {
+            s.rsplit(')')
+                .next()
+                .map(|r| r.trim_start().starts_with('T'))
+        })
         .unwrap_or(false)
 }
 

@@ -207,8 +207,9 @@ impl Backup {
                 0,
                 Body::Error(wire::ErrorFrame {
                     code: ErrorCode::Detach.as_u16(),
-                    message: "the backup is detaching on purpose (maintenance); it will not take over"
-                        .into(),
+                    message:
+                        "the backup is detaching on purpose (maintenance); it will not take over"
+                            .into(),
                 }),
             ))
             .await;
