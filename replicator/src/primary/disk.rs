@@ -159,6 +159,9 @@ impl Primary {
             wire_bytes >> 10
         );
         metrics::counter!("castor_disk_sync_bytes_total").increment(total * BLOCK as u64);
+        self.status
+            .disk_full_syncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         for round in 1..=MAX_ROUNDS {
             let blocks = tracker.harvest().blocks;
             if blocks.len() < STOP_BLOCKS || round == MAX_ROUNDS {

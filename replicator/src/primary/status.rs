@@ -46,6 +46,9 @@ pub struct PrimaryStatus {
     pub protected: AtomicBool,
     /// Disk blocks (4 KiB) the current initial synchronisation has sent.
     pub disk_sync_blocks: AtomicU64,
+    /// Full synchronisations of the disk so far (a reconnection that
+    /// resumes incrementally does not count).
+    pub disk_full_syncs: AtomicU64,
     /// Disk blocks carried by checkpoints so far.
     pub disk_blocks: AtomicU64,
     /// Time spent reading disk blocks back inside pauses, in microseconds.
