@@ -516,6 +516,9 @@ pub struct Replica {
     /// A memory verification failed: the replica no longer equals a
     /// checkpoint; it can neither be taken over nor resynced incrementally.
     diverged: bool,
+    /// Whether anything was written into the replica's memory or disk
+    /// since it was created (pre-copy or a commit).
+    written: bool,
     staging_pages: Vec<u64>,
     staging: Vec<u8>,
     /// Pages the epoch being decoded zeroes (staged as their number only:
@@ -546,6 +549,7 @@ impl Replica {
             committed: None,
             proven: false,
             diverged: false,
+            written: false,
             staging_pages: Vec::new(),
             staging: Vec::new(),
             staging_zero: Vec::new(),
@@ -579,6 +583,7 @@ impl Replica {
             epoch: 0,
             source: DiskError::NoDisk,
         })?;
+        self.written = true;
         disk.apply_sync(batch)
             .map_err(|source| CheckpointError::Disk { epoch: 0, source })
     }
@@ -628,6 +633,13 @@ impl Replica {
     /// primary (only a full resync repairs it).
     pub fn is_diverged(&self) -> bool {
         self.diverged
+    }
+
+    /// Whether anything was written into the replica (pre-copy pages or
+    /// blocks, or a commit) since it was created: until then the memory and
+    /// disk under it still hold what an earlier replica left there.
+    pub fn is_written(&self) -> bool {
+        self.written
     }
 
     /// The replica's memory (test-only fault injection writes here).
@@ -681,6 +693,7 @@ impl Replica {
                 }
             }
             self.decode_onto_replica(&entry, &mut page)?;
+            self.written = true;
             self.write_page(entry.page_number, &page[..])?;
             n += 1;
         }
@@ -847,6 +860,7 @@ impl Replica {
                 .map_err(|source| CheckpointError::NotRestorable { epoch, source })?;
         }
         // 3. Apply: from here on nothing can fail short of memory access errors.
+        self.written = true;
         for (i, &p) in self.staging_pages.iter().enumerate() {
             self.write_page(p, &self.staging[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])?;
         }

@@ -376,7 +376,11 @@ impl BackupRun {
                     ended2.lock().unwrap().push(seen);
                 }
             }));
-            (lost.to_string(), Instant::now(), backup.committed_epoch())
+            (
+                format!("{lost:?}"),
+                Instant::now(),
+                backup.committed_epoch(),
+            )
         });
         BackupRun {
             thread,
@@ -1261,6 +1265,81 @@ fn rogue_peer_with_the_primary_key_cannot_break_the_backup() {
         });
     }
 
+    // A valid Hello of another session (a new primary, as far as the
+    // backup can tell), then nothing valid: the pair's session and its
+    // committed replica are put back (the next class resumes them).
+    let other = |m: &Manifest| {
+        frame(
+            V,
+            T_HELLO,
+            0,
+            &hello_payload(
+                VMIN,
+                V,
+                ROLE_PRIMARY,
+                session ^ 0x5a5a,
+                &m.encode().unwrap(),
+            ),
+        )
+    };
+    let new_session = |f: Vec<u8>, data: Vec<Vec<u8>>, ctl: Vec<Vec<u8>>| {
+        move |c: Arc<Connection>| async move {
+            let (mut tx, mut rx) = c.open_control().await.unwrap();
+            tx.send_encoded(&f).await.unwrap();
+            let reply = rx.recv_owned().await.unwrap().unwrap();
+            let Body::Hello(h) = reply.body else {
+                panic!("no Hello reply: {reply:?}");
+            };
+            assert_eq!(
+                h.resume_from_epoch, 0,
+                "a new session was offered a replica"
+            );
+            if !data.is_empty() {
+                let mut d = c.open_data().await.unwrap();
+                for f in &data {
+                    let _ = d.send_encoded(f).await;
+                }
+            }
+            for f in &ctl {
+                let _ = tx.send_encoded(f).await;
+            }
+            await_end(&c, &mut rx).await
+        }
+    };
+    s.class(
+        "another session's Hello, then garbage",
+        &["BadMagic"],
+        None,
+        new_session(other(&k.manifest), vec![garbage(64, 9)], vec![]),
+    );
+    s.class(
+        "another session's Hello, then silence",
+        &["HelloTimeout"],
+        None,
+        new_session(other(&k.manifest), vec![], vec![]),
+    );
+    {
+        let b = zero_batch_at(e1, &[1, 2]);
+        let mut t = Tally::default();
+        t.add(&b);
+        s.class(
+            "another session's Hello, then an epoch without its sections",
+            &["MissingSection"],
+            Some(1),
+            new_session(other(&k.manifest), vec![b], vec![t.end(e1)]),
+        );
+    }
+    if k.manifest.memory.len() == 1 {
+        let mut m = k.manifest.clone();
+        m.memory[0].size *= 2;
+        s.class(
+            "another session's Hello for a larger guest, then garbage",
+            &["BadMagic"],
+            None,
+            new_session(other(&m), vec![garbage(64, 10)], vec![]),
+        );
+    }
+
     // 4. After a valid resuming Hello (the pair's session): the data.
     s.session(
         &k,
@@ -1766,6 +1845,11 @@ fn rogue_peer_with_the_primary_key_cannot_break_the_backup() {
     assert!(at >= silent_from, "took over ({lost}) too early");
     assert_eq!(epoch, *after.last().unwrap());
     eprintln!("{rogue_classes} rogue classes refused; resumed from {committed} to {epoch}");
+}
+
+fn zero_batch_at(epoch: u64, pages: &[u64]) -> Vec<u8> {
+    let entries: Vec<(u64, u8, &[u8])> = pages.iter().map(|&p| (p, TAG_ZERO, &[][..])).collect();
+    frame(V, T_PAGES, epoch, &pages_payload(&entries))
 }
 
 fn d_clone(frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
