@@ -9,7 +9,8 @@
 //! types, inconsistent Hello shapes, out-of-range and duplicate pages,
 //! mismatched `EpochEnd`s, replays of committed epochs, floods, too many
 //! epochs, oversized sections, millions of zero-page entries, a nearly valid
-//! epoch with one bad page. After each class: the backup is still in its
+//! epoch with one bad page, malformed datagrams, and Hellos of another
+//! session followed by nothing valid. After each class: the backup is still in its
 //! guard loop (no takeover), its session ended with the expected refusal,
 //! and it kept its committed replica (same committed epoch, not diverged,
 //! same memory digest, no commit). At the end the real primary (same
@@ -1731,6 +1732,23 @@ fn rogue_peer_with_the_primary_key_cannot_break_the_backup() {
             r.end(&c).await
         }
     });
+    s.class(
+        "a heartbeat datagram of protocol 99",
+        &["UnsupportedVersion"],
+        None,
+        {
+            let k = k.clone();
+            |c| async move {
+                let mut r = resume(&c, &k).await;
+                r.open_data().await;
+                let mut hb = heartbeat_frame();
+                hb[4..6].copy_from_slice(&99u16.to_le_bytes());
+                reseal(&mut hb);
+                let _ = c.quinn().send_datagram(hb.into());
+                r.end(&c).await
+            }
+        },
+    );
     // Too many epochs in flight: one small batch each, no EpochEnd.
     {
         let frames: Vec<Vec<u8>> = (0..40).map(|i| zero_batch(e1 + i, &[5])).collect();
