@@ -188,6 +188,12 @@ pub fn protect(
     // The backup said goodbye (planned maintenance): run on unprotected,
     // whatever the loss policy, until a backup attaches again.
     let mut detached = false;
+    // After a session that ended (not refused), the first reconnection goes
+    // at once: the backup takes over after timeout_ms without hearing us,
+    // so a primary that dropped a session for its own reasons (it judged
+    // the backup silent, it fenced itself) must be heard again before that.
+    let mut retry_now;
+    let mut last_quick_retry: Option<std::time::Instant> = None;
     loop {
         if switch.is_suspended() {
             log::warn!(
@@ -215,8 +221,10 @@ pub fn protect(
             &p.peer,
             &tcfg,
         ));
+        retry_now = false;
         let reason = match conn {
             Ok(conn) => {
+                retry_now = last_quick_retry.is_none_or(|t| t.elapsed() > Duration::from_secs(1));
                 warned = false;
                 detached = false;
                 if buffer.is_unprotected() {
@@ -249,6 +257,7 @@ pub fn protect(
                         Reason::BackupDetached
                     }
                     Err(PrimaryError::Refused { message, .. }) => {
+                        retry_now = false;
                         log::error!(
                             "replication to {}: the backup refused this primary: {message}",
                             p.backup
@@ -295,6 +304,9 @@ pub fn protect(
             switch.sleep(Duration::from_millis(200));
             continue;
         }
+        if retry_now {
+            last_quick_retry = Some(std::time::Instant::now());
+        }
         match p.on_backup_loss {
             OnBackupLoss::Continue => {
                 if !buffer.is_unprotected() {
@@ -318,6 +330,8 @@ pub fn protect(
                 board.unprotected(reason, true);
             }
         }
-        switch.sleep(Duration::from_millis(200));
+        if !retry_now {
+            switch.sleep(Duration::from_millis(200));
+        }
     }
 }

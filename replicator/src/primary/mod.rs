@@ -26,6 +26,7 @@
 mod config;
 mod disk;
 mod epoch;
+mod fence;
 #[cfg(feature = "fault-injection")]
 mod fault;
 mod status;
@@ -48,7 +49,8 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
-use tasks::{ack_task, heartbeat_listener, heartbeat_task, send_task, AckBoard, Fence, Outgoing};
+use fence::Fence;
+use tasks::{ack_task, heartbeat_listener, heartbeat_task, send_task, AckBoard, Outgoing};
 use tokio::runtime::Handle;
 
 /// Page size.
@@ -128,10 +130,13 @@ pub enum PrimaryError {
     /// The backup stayed silent for longer than the failure timeout.
     #[error("backup silent for {0:?}")]
     PeerSilent(Duration),
-    /// This primary was silent for longer than the backup waits (stopped,
-    /// starved): the backup may have taken over, so it fenced itself.
-    #[error("this primary was silent for {0:?}: fenced (the backup may have taken over)")]
+    /// This primary's process stood still for about the backup's timeout
+    /// (stopped, frozen): the backup may have taken over, so it fenced itself.
+    #[error("this primary stood still for {0:?}: fenced (the backup may have taken over)")]
     Fenced(Duration),
+    /// The fence's watchdog thread could not be started.
+    #[error("starting the fence watchdog: {0}")]
+    Watchdog(#[source] std::io::Error),
     /// The backup said goodbye: it leaves on purpose (maintenance) and will
     /// not take over. Not a loss: the primary runs on unprotected.
     #[error("the backup detached on purpose")]
@@ -305,8 +310,12 @@ impl Primary {
             sent_at: Mutex::new(VecDeque::new()),
             last_heard: Mutex::new(Instant::now()),
             failed: Mutex::new(None),
-            fence: Fence::new(self.cfg.peer_timeout),
+            fence: Arc::new(Fence::new(self.cfg.peer_timeout)),
         });
+        board
+            .fence
+            .watch(self.cfg.heartbeat)
+            .map_err(PrimaryError::Watchdog)?;
         let data_tx = rt.block_on(conn.open_data())?;
         let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Outgoing>(self.cfg.max_in_flight + 2);
         let sender = rt.spawn(send_task(

@@ -4,6 +4,7 @@
 
 #[cfg(feature = "fault-injection")]
 use super::fault::{inject, Fault};
+use super::fence::Fence;
 use super::{PrimaryError, PrimaryStatus, Release};
 use crate::transport::{Connection, FrameSender};
 use crate::wire::{self, Body, Frame};
@@ -23,66 +24,9 @@ pub(super) struct AckBoard {
     pub(super) sent_at: Mutex<VecDeque<(u64, Instant)>>,
     pub(super) last_heard: Mutex<Instant>,
     pub(super) failed: Mutex<Option<PrimaryError>>,
-    /// Self-fencing: when this primary last sent a heartbeat (nanoseconds
-    /// since `born`), and whether it was ever silent for longer than
-    /// `fence_after` (the process stopped or starved: the backup may have
-    /// taken over, so nothing may be released any more in this session).
-    pub(super) fence: Fence,
-}
-
-/// A primary that was silent for about the backup's timeout (SIGSTOP, a
-/// starved process, a frozen host) cannot know whether its backup took
-/// over. It must then release nothing more: not even output the backup
-/// acked, since a backup that took over already re-emitted it and then
-/// moved on. The heartbeat task marks the gap; the ack task checks it
-/// before each release.
-pub(super) struct Fence {
-    born: Instant,
-    last_sent_ns: std::sync::atomic::AtomicU64,
-    silenced_ns: std::sync::atomic::AtomicU64,
-    after: Duration,
-}
-
-impl Fence {
-    /// A fence for a session whose backup takes over after `peer_timeout`
-    /// of silence: it closes after three quarters of that (the rest is the
-    /// margin for the heartbeat's flight and the backup's own clock).
-    pub(super) fn new(peer_timeout: Duration) -> Self {
-        Fence {
-            born: Instant::now(),
-            last_sent_ns: std::sync::atomic::AtomicU64::new(0),
-            silenced_ns: std::sync::atomic::AtomicU64::new(0),
-            after: peer_timeout * 3 / 4,
-        }
-    }
-
-    fn now_ns(&self) -> u64 {
-        self.born.elapsed().as_nanos() as u64
-    }
-
-    /// A heartbeat is about to go out: records the gap since the last one
-    /// (first the verdict, then the new time, so a reader that sees the new
-    /// time also sees the verdict).
-    fn sending(&self) {
-        let now = self.now_ns();
-        let gap = now.saturating_sub(self.last_sent_ns.load(Ordering::SeqCst));
-        if Duration::from_nanos(gap) > self.after {
-            self.silenced_ns.fetch_max(gap, Ordering::SeqCst);
-        }
-        self.last_sent_ns.store(now, Ordering::SeqCst);
-    }
-
-    /// `Some(gap)` if this primary has been silent for too long, now or at
-    /// any time in this session.
-    pub(super) fn silenced(&self) -> Option<Duration> {
-        // The time first, then the verdict (see `sending`).
-        let gap = self
-            .now_ns()
-            .saturating_sub(self.last_sent_ns.load(Ordering::SeqCst));
-        let marked = self.silenced_ns.load(Ordering::SeqCst);
-        let worst = Duration::from_nanos(gap.max(marked));
-        (worst > self.after).then_some(worst)
-    }
+    /// Self-fencing: whether this process stood still for about the
+    /// backup's timeout (then nothing more is released in this session).
+    pub(super) fence: Arc<Fence>,
 }
 
 impl AckBoard {
@@ -207,7 +151,7 @@ pub(super) async fn ack_task(
                 // over (and re-emitted these): release nothing more.
                 if let Some(gap) = board.fence.silenced() {
                     log::error!(
-                        "this primary was silent for {gap:?} (stopped or starved): the backup may have taken over; fencing: no output is released from now on in this session"
+                        "this primary stood still for {gap:?} (stopped or frozen): the backup may have taken over; fencing: no output is released from now on in this session"
                     );
                     metrics::counter!("castor_primary_fenced_total").increment(1);
                     board.fail(PrimaryError::Fenced(gap));
@@ -274,7 +218,6 @@ pub(super) async fn heartbeat_task(
     let mut tick = tokio::time::interval(period);
     loop {
         tick.tick().await;
-        board.fence.sending();
         let hb = Frame::new(
             0,
             Body::Heartbeat(wire::Heartbeat {
@@ -294,36 +237,5 @@ pub(super) async fn heartbeat_task(
 pub(super) async fn heartbeat_listener(conn: Arc<Connection>, board: Arc<AckBoard>) {
     while conn.recv_datagram_frame().await.is_ok() {
         *board.last_heard.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Fence;
-    use std::time::Duration;
-
-    #[test]
-    fn fence_closes_after_a_silence_and_stays_closed() {
-        let f = Fence::new(Duration::from_millis(40));
-        f.sending();
-        assert_eq!(f.silenced(), None);
-        std::thread::sleep(Duration::from_millis(50));
-        // Silent now, before the next heartbeat.
-        assert!(f.silenced().is_some());
-        // The next heartbeat records the gap: still fenced afterwards.
-        f.sending();
-        let gap = f.silenced().expect("the gap is remembered");
-        assert!(gap >= Duration::from_millis(30), "{gap:?}");
-        f.sending();
-        assert!(f.silenced().is_some());
-    }
-
-    #[test]
-    fn regular_heartbeats_keep_the_fence_open() {
-        let f = Fence::new(Duration::from_secs(3600));
-        for _ in 0..100 {
-            f.sending();
-            assert_eq!(f.silenced(), None);
-        }
     }
 }
