@@ -121,7 +121,10 @@ mod tests {
         let first = f.last_tick_ns.load(std::sync::atomic::Ordering::SeqCst);
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while f.last_tick_ns.load(std::sync::atomic::Ordering::SeqCst) == first {
-            assert!(std::time::Instant::now() < deadline, "the watchdog never ticked");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the watchdog never ticked"
+            );
             std::thread::sleep(Duration::from_millis(1));
         }
         let weak = Arc::downgrade(&f);
@@ -129,7 +132,10 @@ mod tests {
         // The thread holds the fence only while ticking: it lets go.
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while weak.upgrade().is_some() {
-            assert!(std::time::Instant::now() < deadline, "the watchdog kept the fence");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the watchdog kept the fence"
+            );
             std::thread::sleep(Duration::from_millis(1));
         }
     }

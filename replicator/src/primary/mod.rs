@@ -26,9 +26,9 @@
 mod config;
 mod disk;
 mod epoch;
-mod fence;
 #[cfg(feature = "fault-injection")]
 mod fault;
+mod fence;
 mod status;
 mod tasks;
 
@@ -45,11 +45,11 @@ use crate::wire::{Body, ErrorCode, Frame, Hello, Role};
 use castor_net_buffer::OutputBuffer;
 use castor_parts::{PartSet, VersionRange};
 use castor_vmm::Vm;
+use fence::Fence;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
-use fence::Fence;
 use tasks::{ack_task, heartbeat_listener, heartbeat_task, send_task, AckBoard, Outgoing};
 use tokio::runtime::Handle;
 
