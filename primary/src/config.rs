@@ -29,10 +29,25 @@ pub struct VmSection {
     pub dirty_tracking: String,
 }
 
-/// The `[guest]` section: the built-in dirtier's parameters.
+/// The `[guest]` section: which guest (the built-in one with its workload,
+/// or a Linux kernel) and the built-in workload's parameters.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GuestSection {
+    /// "builtin" (default: Castor's ring-3 guest running `workload`) or
+    /// "linux" (an unmodified kernel: needs `kernel`).
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    /// Linux: the kernel, an ELF vmlinux (PVH entry) or a bzImage.
+    #[serde(default)]
+    pub kernel: Option<std::path::PathBuf>,
+    /// Linux: an initramfs, optional.
+    #[serde(default)]
+    pub initrd: Option<std::path::PathBuf>,
+    /// Linux: the kernel command line. Default: a console on COM1
+    /// ("console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=t panic=-1").
+    #[serde(default)]
+    pub cmdline: Option<String>,
     /// "dirtier" (default), "net" (TCP counter/echo services on
     /// virtio-net; needs the `[net]` section) or "disk" (numbered,
     /// checksummed blocks written, flushed and verified continuously on
@@ -178,8 +193,10 @@ pub struct File {
 pub struct Config {
     /// VM shape.
     pub vm: VmConfig,
-    /// Guest.
+    /// The built-in guest (ignored when `linux` is set).
     pub boot: GuestBoot,
+    /// A Linux guest (`[guest] kind = "linux"`).
+    pub linux: Option<castor_vmm::LinuxBoot>,
     /// Pipeline settings.
     pub pipeline: castor_replicator::primary::PrimaryConfig,
     /// Backup address.
@@ -230,6 +247,9 @@ fn default_mem() -> String {
 }
 fn default_tracking() -> String {
     "auto".into()
+}
+fn default_kind() -> String {
+    "builtin".into()
 }
 fn default_workload() -> String {
     "dirtier".into()
@@ -284,6 +304,10 @@ fn default_min_epoch() -> u64 {
 }
 fn default_guest() -> GuestSection {
     GuestSection {
+        kind: default_kind(),
+        kernel: None,
+        initrd: None,
+        cmdline: None,
         workload: default_workload(),
         dirty_rate: default_rate(),
         working_set: None,
@@ -294,6 +318,67 @@ fn default_guest() -> GuestSection {
         seed: one_u64(),
         disk_blocks: None,
         disk_rate: default_disk_rate(),
+    }
+}
+
+/// `[guest] kind` and, for "linux", the kernel to boot (checked here, at
+/// start: a missing file is named with the command that makes one).
+fn linux_boot(
+    v: &Validator,
+    g: &GuestSection,
+) -> Result<Option<castor_vmm::LinuxBoot>, ConfigError> {
+    match g.kind.as_str() {
+        "builtin" => {
+            for (field, set) in [
+                ("guest.kernel", g.kernel.is_some()),
+                ("guest.initrd", g.initrd.is_some()),
+                ("guest.cmdline", g.cmdline.is_some()),
+            ] {
+                if set {
+                    return Err(v.invalid(
+                        field,
+                        "applies to a Linux guest: add kind = \"linux\" to [guest], or remove it",
+                    ));
+                }
+            }
+            Ok(None)
+        }
+        "linux" => {
+            let Some(kernel) = &g.kernel else {
+                return Err(v.invalid(
+                    "guest.kernel",
+                    "kind = \"linux\" needs a kernel: kernel = \"/var/cache/castor-linux/vmlinux\" \
+                     (scripts/linux-guest-kit.sh makes one)",
+                ));
+            };
+            let kernel = v.relative(kernel);
+            let initrd = g.initrd.as_ref().map(|p| v.relative(p));
+            for (field, p) in [("guest.kernel", Some(&kernel)), ("guest.initrd", initrd.as_ref())] {
+                if let Some(p) = p {
+                    if !p.is_file() {
+                        return Err(v.invalid(
+                            field,
+                            format!(
+                                "{} is not a readable file (scripts/linux-guest-kit.sh makes a kernel and an initramfs)",
+                                p.display()
+                            ),
+                        ));
+                    }
+                }
+            }
+            Ok(Some(castor_vmm::LinuxBoot {
+                kernel,
+                initrd,
+                cmdline: g
+                    .cmdline
+                    .clone()
+                    .unwrap_or_else(|| castor_vmm::LinuxBoot::DEFAULT_CMDLINE.to_string()),
+            }))
+        }
+        other => Err(v.invalid(
+            "guest.kind",
+            format!("{other:?}: use \"builtin\" or \"linux\""),
+        )),
     }
 }
 
@@ -329,7 +414,30 @@ impl Config {
             None => None,
         };
         let mut disk_params = None;
+        let linux = linux_boot(&v, &f.guest)?;
+        if linux.is_some() && f.guest.workload != "dirtier" {
+            return Err(v.invalid(
+                "guest.workload",
+                format!(
+                    "{:?} is a workload of the built-in guest; a Linux guest (kind = \"linux\") runs its own programs: remove `workload`",
+                    f.guest.workload
+                ),
+            ));
+        }
+        if let (Some(_), Some(n)) = (&linux, &f.net) {
+            // A Linux guest drives its virtio-net device itself.
+            net = Some(NetDevice {
+                tap: n.tap.clone(),
+                mac: v.mac("net.mac", &n.mac)?,
+                tap_policy: if n.create_tap {
+                    TapPolicy::Create
+                } else {
+                    TapPolicy::MustExist
+                },
+            });
+        }
         match (f.guest.workload.as_str(), &f.net) {
+            _ if linux.is_some() => {}
             ("dirtier", _) => {}
             ("disk", _) => {
                 let Some(d) = &disk else {
@@ -462,6 +570,7 @@ impl Config {
                 seed: f.guest.seed,
             },
             pipeline,
+            linux,
             backup: r.backup,
             bind: r.bind,
             tls: f.tls.resolve(&v),

@@ -102,7 +102,22 @@ pub fn run_with(cfg: Config, board: &Arc<StatusBoard>) -> Result<(), DaemonError
         );
         vm.devices().add_virtio_blk(blk)?;
     }
-    vm.boot(&cfg.boot)?;
+    match &cfg.linux {
+        None => vm.boot(&cfg.boot)?,
+        Some(linux) => {
+            let report = vm.boot_linux(linux)?;
+            log::info!(
+                "Linux guest: {} ({:?} entry), initramfs {}, command line {:?}; its console is logged (target castor::guest_console), not output-committed",
+                linux.kernel.display(),
+                report.protocol,
+                linux
+                    .initrd
+                    .as_ref()
+                    .map_or("none".to_string(), |p| p.display().to_string()),
+                linux.cmdline
+            );
+        }
+    }
     log::info!(
         "guest booted: {} vCPU(s), {} MiB, dirty tracking {}; replicating to backup {}",
         cfg.vm.vcpus,

@@ -543,3 +543,112 @@ fn run_to_end(vm: &Vm, from: u64) -> (Vec<String>, Option<StopReason>) {
         );
     }
 }
+
+/// The console lines of a daemon's log (target `castor::guest_console`).
+fn console_lines(log: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|l| l.split_once("castor::guest_console] "))
+        .map(|(_, line)| line.to_string())
+        .collect()
+}
+
+/// (d) The daemons protect a Linux guest (`[guest] kind = "linux"`): the
+/// primary boots the kit's kernel and replicates it; SIGKILLed mid-boot,
+/// before the banner, the backup takes over and the *same* boot goes on
+/// there: the banner appears once, on the backup, followed by exactly the
+/// command line Castor gave it (a kernel that restarted, or a replica that
+/// was not the primary's state, could not do that).
+#[test]
+fn a_linux_guest_fails_over_between_the_daemons() {
+    require_kvm();
+    let _one = one_kernel();
+    let kit = kit();
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_castor-under-test"));
+    let obs = castor::observe::Observer::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let spec = castor::cluster::Spec {
+        memory: format!("{}M", MEM >> 20),
+        // An emulated ring-0 guest on a loaded host: a longer timeout keeps
+        // a starved pair from false detections (not a speed bound).
+        timeout_ms: 500,
+        heartbeat_ms: 20,
+        ..castor::cluster::Spec::default()
+    };
+    let c = castor::cluster::Cluster::prepare(&exe, None, spec, obs.addr()).unwrap();
+    let cmdline = format!("{} castor.daemon_test=1", LinuxBoot::DEFAULT_CMDLINE);
+    let text = std::fs::read_to_string(c.primary_config()).unwrap();
+    let (start, end) = (
+        text.find("[guest]").unwrap(),
+        text.find("[replication]").unwrap(),
+    );
+    let text = format!(
+        "{}[guest]\nkind = \"linux\"\nkernel = \"{}\"\ninitrd = \"{}\"\ncmdline = \"{cmdline}\"\n\n{}",
+        &text[..start],
+        kit.vmlinux.display(),
+        kit.initrd.display(),
+        &text[end..]
+    );
+    std::fs::write(c.primary_config(), text).unwrap();
+    let read =
+        |name: &str| std::fs::read_to_string(c.dir.join(format!("{name}.log"))).unwrap_or_default();
+    let tails = || {
+        format!(
+            "--- primary ---\n{}\n--- backup ---\n{}",
+            read("primary"),
+            read("backup")
+        )
+    };
+    let mut backup = c.start_backup().unwrap();
+    let mut primary = c.start_primary().unwrap();
+    let committed = || {
+        castor::observe::CommitLog::load(&c.commit_log())
+            .map(|l| l.commits.len())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while committed() < 3 {
+        assert!(Instant::now() < deadline, "nothing committed\n{}", tails());
+        assert!(primary.check_alive().is_ok(), "primary died\n{}", tails());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(rand::thread_rng().gen_range(0..2000)));
+    primary.kill();
+    let before = console_lines(&read("primary"));
+    assert!(
+        !before.iter().any(|l| l.contains("Linux version")),
+        "the banner came before the kill (the kernel booted faster than ~30 s): \
+         this test needs the kill before it\n{}",
+        tails()
+    );
+    let deadline = Instant::now() + BANNER_TIMEOUT;
+    let after = loop {
+        let lines = console_lines(&read("backup"));
+        if lines.iter().any(|l| l.contains("Command line:")) {
+            break lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no banner and command line on the backup after the takeover\n{}",
+            tails()
+        );
+        assert!(backup.check_alive().is_ok(), "backup died\n{}", tails());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    backup.kill();
+    let banners = after.iter().filter(|l| l.contains("Linux version")).count();
+    assert_eq!(banners, 1, "one boot, one banner:\n{}", after.join("\n"));
+    let line = after
+        .iter()
+        .find(|l| l.contains("Command line:"))
+        .map(|l| strip_time(l).to_string())
+        .unwrap_or_default();
+    assert_eq!(
+        line,
+        format!("Command line: {cmdline}"),
+        "the kernel that went on on the backup has another command line"
+    );
+    assert!(
+        read("backup").contains("TAKEOVER complete"),
+        "the backup did not take over\n{}",
+        tails()
+    );
+}
