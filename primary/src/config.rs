@@ -353,7 +353,10 @@ fn linux_boot(
             };
             let kernel = v.relative(kernel);
             let initrd = g.initrd.as_ref().map(|p| v.relative(p));
-            for (field, p) in [("guest.kernel", Some(&kernel)), ("guest.initrd", initrd.as_ref())] {
+            for (field, p) in [
+                ("guest.kernel", Some(&kernel)),
+                ("guest.initrd", initrd.as_ref()),
+            ] {
                 if let Some(p) = p {
                     if !p.is_file() {
                         return Err(v.invalid(
@@ -732,3 +735,46 @@ mod tests {
         assert_eq!(parse_cidr("10.0.0/24"), None);
     }
 }
+
+    #[test]
+    fn linux_guest_fields_are_checked_at_start() {
+        let field = |e: ConfigError| match e {
+            ConfigError::Invalid { field, message, .. } => (field, message),
+            other => panic!("{other:?}"),
+        };
+        let dir = std::env::temp_dir().join(format!("castor-cfg-linux-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kernel = dir.join("vmlinux");
+        std::fs::write(&kernel, b"not really a kernel").unwrap();
+        // No kernel: named, with the script that makes one.
+        let (f, m) = field(parse("", "[guest]\nkind = \"linux\"\n").unwrap_err());
+        assert_eq!(f, "guest.kernel");
+        assert!(m.contains("linux-guest-kit.sh"), "{m}");
+        // A kernel that is not there.
+        let (f, _) = field(
+            parse(
+                "",
+                "[guest]\nkind = \"linux\"\nkernel = \"/nonexistent/vmlinux\"\n",
+            )
+            .unwrap_err(),
+        );
+        assert_eq!(f, "guest.kernel");
+        // A built-in workload with a Linux guest.
+        let linux = format!(
+            "[guest]\nkind = \"linux\"\nkernel = \"{}\"\n",
+            kernel.display()
+        );
+        let (f, _) = field(parse("", &format!("{linux}workload = \"net\"\n")).unwrap_err());
+        assert_eq!(f, "guest.workload");
+        // Linux fields without kind = "linux".
+        let (f, _) = field(parse("", "[guest]\ncmdline = \"quiet\"\n").unwrap_err());
+        assert_eq!(f, "guest.cmdline");
+        let (f, _) = field(parse("", "[guest]\nkind = \"windows\"\n").unwrap_err());
+        assert_eq!(f, "guest.kind");
+        // Valid: the default command line.
+        let c = parse("", &linux).unwrap();
+        let l = c.linux.expect("a Linux guest");
+        assert_eq!(l.kernel, kernel);
+        assert_eq!(l.cmdline, castor_vmm::LinuxBoot::DEFAULT_CMDLINE);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
