@@ -1,6 +1,7 @@
 //! `castor-bench`: one subcommand per benchmark. Each prints a table, or with
 //! `--json` one JSON object per result row.
 
+mod disk;
 mod failover;
 mod harvest;
 mod net;
@@ -27,6 +28,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Bench {
+    /// Protected disk: guest write throughput and flush latency unprotected vs protected, initial sync of an image, pause time the disk adds.
+    Disk(disk::Args),
     /// Failover time: SIGKILL of the primary to the first output of the new primary (real processes).
     Failover(failover::Args),
     /// Pause latency: pause() call to every vCPU out of KVM_RUN, under load.
@@ -43,6 +46,7 @@ fn main() {
     let cli = Cli::parse();
     let out = report::Output::new(cli.json);
     let result = match cli.bench {
+        Bench::Disk(a) => disk::run(&a, &out),
         Bench::Failover(a) => failover::run(&a, &out),
         Bench::Pause(a) => pause::run(&a, &out),
         Bench::Harvest(a) => harvest::run(&a, &out),

@@ -293,6 +293,7 @@ pub fn plan(a: &RunArgs) -> Result<(VmConfig, GuestBoot), RunError> {
                 continuous: false,
                 rate: 0,
                 ops: 0,
+                sequential: false,
             })
         }
     };

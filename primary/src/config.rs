@@ -472,6 +472,7 @@ impl Config {
                     continuous: true,
                     rate: f.guest.disk_rate,
                     ops: 0,
+                    sequential: false,
                 });
             }
             ("net", Some(n)) => {
@@ -572,8 +573,8 @@ impl Config {
                 },
                 seed: f.guest.seed,
             },
-            pipeline,
             linux,
+            pipeline,
             backup: r.backup,
             bind: r.bind,
             tls: f.tls.resolve(&v),
@@ -734,7 +735,6 @@ mod tests {
         assert_eq!(parse_cidr("10.0.0.2/31"), None);
         assert_eq!(parse_cidr("10.0.0/24"), None);
     }
-}
 
     #[test]
     fn linux_guest_fields_are_checked_at_start() {
@@ -778,3 +778,4 @@ mod tests {
         assert_eq!(l.cmdline, castor_vmm::LinuxBoot::DEFAULT_CMDLINE);
         let _ = std::fs::remove_dir_all(&dir);
     }
+}

@@ -75,6 +75,7 @@ fn disk_blocks_read_back_from_the_host_image() {
             continuous: false,
             rate: 0,
             ops: 0,
+            sequential: false,
         }),
         seed: 7,
     })

@@ -372,6 +372,7 @@ fn reconnection_resyncs_the_disk_incrementally() {
             continuous: true,
             rate: 1500,
             ops: 3000,
+            sequential: false,
         }),
         seed: 11,
     })

@@ -136,6 +136,10 @@ pub struct DiskParams {
     /// block then read back once more; 0: never.
     #[serde(default)]
     pub ops: u64,
+    /// Continuous mode as a throughput benchmark instead: sequential 64 KiB
+    /// writes, a flush every 16 (`rate`: writes per second).
+    #[serde(default)]
+    pub sequential: bool,
 }
 
 fn write_device_config(
@@ -221,7 +225,11 @@ impl DiskParams {
                 net_mmio: bus.find(crate::devices::virtio::TYPE_NET).unwrap_or(0),
                 blk_mmio: blk,
                 disk_blocks: self.blocks,
-                disk_continuous: u64::from(self.continuous),
+                disk_continuous: match (self.continuous, self.sequential) {
+                    (false, _) => 0,
+                    (true, false) => 1,
+                    (true, true) => castor_guest_abi::DISK_MODE_SEQUENTIAL,
+                },
                 disk_ops: self.ops,
                 rate: self.rate,
                 ..Default::default()

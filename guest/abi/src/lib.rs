@@ -233,6 +233,12 @@ pub const fn disk_pattern(seed: u64, block: u64, i: u64) -> u8 {
     (x ^ (x >> 29) ^ (x >> 47)) as u8
 }
 
+/// `DeviceConfig::disk_continuous` for the throughput benchmark: sequential
+/// 64 KiB writes across the first `disk_blocks` blocks (wrapping), a flush
+/// every 16 writes (1 MiB); a record every 16 writes with the writes so far
+/// in `iterations` and the last flush's latency in TSC ticks in `checksum`.
+pub const DISK_MODE_SEQUENTIAL: u64 = 2;
+
 /// Most blocks the continuous disk workload tracks (its table of rounds,
 /// 4 bytes a block, lives in guest RAM: 1 MiB).
 pub const MAX_CONTINUOUS_DISK_BLOCKS: u64 = 1 << 18;

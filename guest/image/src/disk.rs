@@ -94,8 +94,10 @@ pub fn run(vcpu: u64, info: &BootInfo, cfg: &DeviceConfig) -> ! {
         rt::stop(status::BAD_BOOT_INFO);
     }
     let mut blk = Blk::new(cfg.blk_mmio);
-    if cfg.disk_continuous != 0 {
-        crate::disk_soak::run(&mut blk, info, cfg)
+    match cfg.disk_continuous {
+        0 => {}
+        castor_guest_abi::DISK_MODE_SEQUENTIAL => crate::disk_soak::sequential(&mut blk, info, cfg),
+        _ => crate::disk_soak::run(&mut blk, info, cfg),
     }
     let sectors_per_block = DISK_BLOCK_BYTES / 512;
     if cfg.disk_blocks * sectors_per_block > blk.capacity_sectors {

@@ -13,7 +13,7 @@
 //! block for block, what that checkpoint's memory says was written.
 
 use crate::disk::{Blk, T_FLUSH, T_IN, T_OUT};
-use crate::mem::{BLK_DATA, BLK_EXPECT, BLK_ROUNDS};
+use crate::mem::{BLK_BULK, BLK_BULK_BYTES, BLK_DATA, BLK_EXPECT, BLK_ROUNDS};
 use crate::rt;
 use castor_guest_abi::{
     disk_block, layout, parse_disk_block, pv, BootInfo, DeviceConfig, Record, DISK_BLOCK_BYTES,
@@ -36,6 +36,72 @@ fn emit(rec: Record) {
     // 0: the VMM's output buffer is full: retry (back-pressure).
     while rt::pv_read32(pv::OUTPUT) == 0 {
         rt::cpu_relax();
+    }
+}
+
+/// The throughput benchmark (`DISK_MODE_SEQUENTIAL`): sequential 64 KiB
+/// writes, a flush every 16, paced by `rate` writes per second (0: flat out).
+pub fn sequential(blk: &mut Blk, info: &BootInfo, cfg: &DeviceConfig) -> ! {
+    let spb = DISK_BLOCK_BYTES / 512;
+    let per_write = BLK_BULK_BYTES / DISK_BLOCK_BYTES;
+    let chunks = (cfg.disk_blocks / per_write).max(1);
+    // SAFETY: reserved guest RAM (see mem.rs), not aliased.
+    let bulk = unsafe { crate::mem::slice(BLK_BULK, BLK_BULK_BYTES as usize) };
+    let mut rng = info.seed | 1;
+    for x in bulk.iter_mut() {
+        *x = splitmix(&mut rng) as u8;
+    }
+    let hdr = (crate::mem::BLK_HDR, 16, 0);
+    let status = (crate::mem::BLK_HDR + 16, 1, crate::virtq::DESC_F_WRITE);
+    let mut seq: u64 = 0;
+    let mut writes: u64 = 0;
+    let tsc_hz = info.tsc_khz.max(1) * 1000;
+    let ticks_per_op = if cfg.rate == 0 { 0 } else { tsc_hz / cfg.rate };
+    let mut deadline = rt::rdtsc();
+    loop {
+        let c = writes % chunks;
+        // A different first word each time: the data changes.
+        bulk[..8].copy_from_slice(&writes.to_le_bytes());
+        let (st, _) = blk.raw_request(
+            T_OUT,
+            c * per_write * spb,
+            &[hdr, (BLK_BULK, BLK_BULK_BYTES as u32, 0), status],
+        );
+        if st != 0 {
+            panic!("write of chunk {} failed: status {}", c, st);
+        }
+        writes += 1;
+        if writes.is_multiple_of(16) {
+            let t = rt::rdtsc();
+            let (st, _) = blk.request(T_FLUSH, 0, 0);
+            if st != 0 {
+                panic!("flush failed: status {}", st);
+            }
+            let flush_ticks = rt::rdtsc().saturating_sub(t);
+            seq += 1;
+            emit(Record {
+                vcpu: 0,
+                _reserved: 0,
+                seq,
+                iterations: writes,
+                checksum: flush_ticks,
+            });
+        }
+        if ticks_per_op != 0 {
+            deadline += ticks_per_op;
+            let now = rt::rdtsc();
+            if now > deadline + tsc_hz / 100 || deadline > now + tsc_hz {
+                deadline = now;
+            }
+            while rt::rdtsc() < deadline {
+                let ahead_us = deadline.saturating_sub(rt::rdtsc()) * 1_000_000 / tsc_hz;
+                if ahead_us > 100 {
+                    rt::pv_write32(pv::SLEEP_US, (ahead_us as u32).min(pv::MAX_SLEEP_US));
+                } else {
+                    rt::cpu_relax();
+                }
+            }
+        }
     }
 }
 

@@ -28,6 +28,10 @@ pub const BLK_HDR: u64 = WORKLOAD_ADDR + 0x30_0000;
 pub const BLK_DATA: u64 = BLK_HDR + 0x1000;
 /// The continuous disk workload's expected block, built for comparison.
 pub const BLK_EXPECT: u64 = BLK_HDR + 0x2000;
+/// The disk throughput benchmark's 64 KiB write buffer.
+pub const BLK_BULK: u64 = BLK_HDR + 0x1_0000;
+/// Bytes of [`BLK_BULK`].
+pub const BLK_BULK_BYTES: u64 = 0x1_0000;
 /// The continuous disk workload's table: the round last written to each
 /// block (u32 each, up to `MAX_CONTINUOUS_DISK_BLOCKS`).
 pub const BLK_ROUNDS: u64 = WORKLOAD_ADDR + 0x40_0000;

@@ -182,6 +182,10 @@ impl Primary {
             }
             log::info!("disk pre-copy round {round}: {} blocks", blocks.len());
         }
+        self.status.disk_sync_us.store(
+            t.elapsed().as_micros() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         Ok(())
     }
 

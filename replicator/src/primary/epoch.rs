@@ -103,6 +103,10 @@ impl Primary {
                     dirty_pages: enc.pages,
                     wire_bytes: enc.wire_bytes,
                     ack_latency: None,
+                    disk_blocks: enc.disk_blocks,
+                    disk_pause: Duration::from_nanos(
+                        self.status.last_disk_pause_ns.load(Ordering::Relaxed),
+                    ),
                 });
             }
             metrics::counter!("castor_wire_bytes_total").increment(enc.wire_bytes);
@@ -235,9 +239,13 @@ impl Primary {
                 None => None,
             };
             if disk.is_some() {
+                let t = td.elapsed();
                 self.status
                     .disk_pause_us
-                    .fetch_add(td.elapsed().as_micros() as u64, Ordering::Relaxed);
+                    .fetch_add(t.as_micros() as u64, Ordering::Relaxed);
+                self.status
+                    .last_disk_pause_ns
+                    .store(t.as_nanos() as u64, Ordering::Relaxed);
             }
             // Seal first: the output part stages the buffer's position after it.
             self.output.seal(epoch)?;

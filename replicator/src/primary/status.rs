@@ -18,6 +18,10 @@ pub struct EpochSample {
     pub wire_bytes: u64,
     /// Pause to Ack; `None` until acknowledged.
     pub ack_latency: Option<Duration>,
+    /// Disk blocks carried (a protected disk).
+    pub disk_blocks: u64,
+    /// Time of the pause spent harvesting and reading back disk blocks.
+    pub disk_pause: Duration,
 }
 
 /// Most epoch samples kept.
@@ -46,6 +50,9 @@ pub struct PrimaryStatus {
     pub protected: AtomicBool,
     /// Disk blocks (4 KiB) the current initial synchronisation has sent.
     pub disk_sync_blocks: AtomicU64,
+    /// How long the last full synchronisation of the disk took (whole image
+    /// and its rounds), in microseconds.
+    pub disk_sync_us: AtomicU64,
     /// Full synchronisations of the disk so far (a reconnection that
     /// resumes incrementally does not count).
     pub disk_full_syncs: AtomicU64,
@@ -53,4 +60,6 @@ pub struct PrimaryStatus {
     pub disk_blocks: AtomicU64,
     /// Time spent reading disk blocks back inside pauses, in microseconds.
     pub disk_pause_us: AtomicU64,
+    /// That time in the last pause, in nanoseconds.
+    pub last_disk_pause_ns: AtomicU64,
 }
