@@ -190,6 +190,10 @@ pub fn encode_blocks(
     let mut enc = DiskEncoded::default();
     let flags = if flushed { DISK_FLAG_FLUSH } else { 0 };
     let mut lz4 = vec![0u8; lz4_flex::block::get_maximum_output_size(BLOCK)];
+    // After 8 blocks in a row that LZ4 could not shrink (encrypted,
+    // compressed or random data), only every 16th is tried: compressing
+    // incompressible data costs CPU the guest shares.
+    let mut incompressible = 0u32;
     let mut i = 0;
     let mut first = true;
     while first || i < blocks.len() {
@@ -213,9 +217,16 @@ pub fn encode_blocks(
                 i += n;
                 continue;
             }
-            match lz4_flex::block::compress_into(block, &mut lz4) {
-                Ok(n) if n < BLOCK => w.push(b, PageTag::Lz4 as u8, &lz4[..n])?,
-                _ => w.push(b, PageTag::Raw as u8, block)?,
+            let try_lz4 = incompressible < 8 || incompressible.is_multiple_of(16);
+            match try_lz4.then(|| lz4_flex::block::compress_into(block, &mut lz4)) {
+                Some(Ok(n)) if n < BLOCK - BLOCK / 16 => {
+                    incompressible = 0;
+                    w.push(b, PageTag::Lz4 as u8, &lz4[..n])?
+                }
+                _ => {
+                    incompressible = incompressible.saturating_add(1);
+                    w.push(b, PageTag::Raw as u8, block)?
+                }
             }
             enc.blocks += 1;
             i += 1;

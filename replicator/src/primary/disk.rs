@@ -8,7 +8,7 @@ use super::{Primary, PrimaryError};
 use crate::checkpoint::CheckpointError;
 use crate::disk::{self, DiskError, StagedDisk, BLOCK};
 use crate::wire::EpochTally;
-use castor_vmm::devices::DiskTracker;
+use castor_vmm::devices::{DiskTracker, LoggedBlocks};
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
@@ -28,8 +28,6 @@ pub(super) struct DiskSide {
     /// Blocks the next checkpoint must carry besides its own writes (after a
     /// reconnection or a pre-copy).
     extra: BTreeSet<u64>,
-    /// Reused read-back buffer.
-    buf: Vec<u8>,
 }
 
 impl DiskSide {
@@ -41,43 +39,59 @@ impl DiskSide {
             tracker,
             unacked: VecDeque::new(),
             extra: BTreeSet::new(),
-            buf: Vec::new(),
         })
     }
 
-    /// Inside the pause: harvests the blocks written since the last pause
-    /// (plus the pending extra ones) and reads them back from the image.
+    /// Inside the pause: takes the blocks written since the last pause
+    /// (copied at write time; partial-block writes, the pending extra
+    /// blocks and anything past the log's cap are read back from the image).
     pub(super) fn stage(&mut self, epoch: u64) -> Result<StagedDisk, DiskError> {
         let dirty = self.tracker.harvest();
-        let blocks: Vec<u64> = if self.extra.is_empty() {
+        let mut read: Vec<u64> = if self.extra.is_empty() {
             dirty.blocks
         } else {
             let mut all = std::mem::take(&mut self.extra);
             all.extend(dirty.blocks);
             all.into_iter().collect()
         };
-        let mut data = std::mem::take(&mut self.buf);
-        let need = blocks.len() * BLOCK;
-        if data.len() < need {
-            data.resize(need, 0);
+        let LoggedBlocks {
+            blocks: mut logged,
+            mut data,
+        } = dirty.logged;
+        if !read.is_empty() && !logged.is_empty() {
+            // A block also marked for read-back: the image holds its latest
+            // content; drop its logged copy.
+            let marked: std::collections::HashSet<u64> = read.iter().copied().collect();
+            let (mut blocks, mut kept) = (Vec::with_capacity(logged.len()), Vec::new());
+            for (i, b) in logged.iter().enumerate() {
+                if !marked.contains(b) {
+                    blocks.push(*b);
+                    kept.extend_from_slice(&data[i * BLOCK..(i + 1) * BLOCK]);
+                }
+            }
+            logged = blocks;
+            data = kept;
         }
-        self.tracker.read_blocks(&blocks, &mut data[..need])?;
-        data.truncate(need);
-        self.unacked.push_back((epoch, blocks.clone()));
+        read.sort_unstable();
+        read.dedup();
+        let at = data.len();
+        data.resize(at + read.len() * BLOCK, 0);
+        self.tracker.read_blocks(&read, &mut data[at..])?;
+        logged.extend_from_slice(&read);
+        self.unacked.push_back((epoch, logged.clone()));
         Ok(StagedDisk {
-            blocks,
+            blocks: logged,
             data,
             flushed: dirty.flushed,
         })
     }
 
-    /// Takes the read-back buffer back after encoding.
+    /// Gives the staged buffers back to the write log after encoding.
     pub(super) fn give_back(&mut self, staged: StagedDisk) {
-        let mut data = staged.data;
-        if data.capacity() > 64 << 20 {
-            data = Vec::new();
-        }
-        self.buf = data;
+        self.tracker.recycle(LoggedBlocks {
+            blocks: staged.blocks,
+            data: staged.data,
+        });
     }
 
     /// Epochs up to `acked` are committed: their blocks are no longer needed.
@@ -163,7 +177,12 @@ impl Primary {
             .disk_full_syncs
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         for round in 1..=MAX_ROUNDS {
-            let blocks = tracker.harvest().blocks;
+            let dirty = tracker.harvest();
+            let mut blocks = dirty.blocks;
+            blocks.extend_from_slice(&dirty.logged.blocks);
+            blocks.sort_unstable();
+            blocks.dedup();
+            tracker.recycle(dirty.logged);
             if blocks.len() < STOP_BLOCKS || round == MAX_ROUNDS {
                 if let Some(side) = self.disk.as_mut() {
                     side.extra.extend(blocks);

@@ -23,7 +23,9 @@ use virtio::mmio::{VirtioMmio, VirtioMmioState};
 
 pub use tap::{Tap, TapError};
 pub use virtio::blk::{BlkConfig, VirtioBlk};
-pub use virtio::blk_track::{DiskDirty, DiskTrackError, DiskTracker, DISK_BLOCK};
+pub use virtio::blk_track::{
+    DiskDirty, DiskTrackError, DiskTracker, LoggedBlocks, DISK_BLOCK, LOG_CAP,
+};
 pub use virtio::net::{NetConfig, TapTxSink, TxOutcome, TxSink, VirtioNet};
 
 /// Size of one device's MMIO window.

@@ -229,7 +229,7 @@ impl VirtioBlk {
                     // After the write landed: a harvest between the two
                     // sees the bit again at the next one.
                     if let Some(t) = &self.tracker {
-                        t.mark(start, end);
+                        t.record_write(start, &buf);
                     }
                     (S_OK, 0)
                 }

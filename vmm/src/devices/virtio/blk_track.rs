@@ -8,22 +8,51 @@
 //! (rare); the bitmap is 32 KiB per GiB of disk, so marking costs one atomic
 //! OR per block on the write path and harvesting a few microseconds.
 //!
-//! **Read back at the pause, not logged at write time.** A write marks its
-//! blocks after its `pwrite` returned (so a harvest that clears the bit
-//! before the write lands is followed by the bit set again); the pause
-//! harvests the bitmap and reads the marked blocks back from the image (the
-//! page cache: one `pread` per run of adjacent blocks). Nothing is copied on
-//! the guest's write path and memory does not grow with the write rate; the
-//! same bitmap serves the pre-copy rounds and the incremental resync, like
-//! the memory's dirty log. All device work happens inside vCPU exits, so in
-//! the pause the image is quiescent and consistent with guest memory.
+//! **Logged at write time, read back only as a fallback.** A write that
+//! covers whole blocks copies them, after its `pwrite` returned, into the
+//! epoch's write log (a block written twice keeps its last content); the
+//! pause only swaps the log out (O(1): no copy, no syscall), so the pause
+//! does not grow with the write rate. A write that covers part of a block,
+//! or one past the log's cap ([`LOG_CAP`] bytes), marks the block in a
+//! bitmap instead, and the pause reads those blocks back from the image (the
+//! page cache: one `pread` per run of adjacent blocks); a marked block wins
+//! over a logged copy (the image holds its latest content). Marks are set
+//! after the write landed, so a harvest that clears a bit before the write
+//! is followed by the bit set again. The pre-copy rounds and the incremental
+//! resync read blocks back by number, like the memory's dirty log. All
+//! device work happens inside vCPU exits, so in the pause the image is
+//! quiescent and consistent with guest memory.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 
 /// Bytes per tracked block.
 pub const DISK_BLOCK: u64 = 4096;
+
+/// Most bytes the write log holds between two harvests; later whole-block
+/// writes are marked for read-back instead.
+pub const LOG_CAP: usize = 64 << 20;
+
+/// Blocks copied at write time since the last harvest: `blocks[i]`'s
+/// content is at `data[i * 4096..]` (in write order, each block once).
+#[derive(Debug, Default)]
+pub struct LoggedBlocks {
+    /// Block numbers.
+    pub blocks: Vec<u64>,
+    /// Their content.
+    pub data: Vec<u8>,
+}
+
+#[derive(Debug, Default)]
+struct WriteLog {
+    index: HashMap<u64, usize>,
+    logged: LoggedBlocks,
+    /// Buffers given back after encoding, reused by the next epoch.
+    spare: Option<LoggedBlocks>,
+}
 
 /// Errors of reading blocks back from the image.
 #[derive(Debug, thiserror::Error)]
@@ -56,10 +85,13 @@ pub enum DiskTrackError {
 }
 
 /// Blocks written (and flushes issued) since the last harvest.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct DiskDirty {
-    /// Written blocks, ascending.
+    /// Written blocks to read back from the image, ascending.
     pub blocks: Vec<u64>,
+    /// Written blocks copied at write time (a block also in `blocks` must
+    /// be read back instead).
+    pub logged: LoggedBlocks,
     /// Whether the guest completed a FLUSH.
     pub flushed: bool,
 }
@@ -72,6 +104,7 @@ pub struct DiskTracker {
     read_only: bool,
     words: Vec<AtomicU64>,
     flushed: AtomicBool,
+    log: Mutex<WriteLog>,
 }
 
 impl DiskTracker {
@@ -86,6 +119,7 @@ impl DiskTracker {
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             flushed: AtomicBool::new(false),
+            log: Mutex::new(WriteLog::default()),
         }
     }
 
@@ -122,6 +156,50 @@ impl DiskTracker {
         }
     }
 
+    /// Records a completed write of `data` at byte `start`: whole blocks are
+    /// copied into the write log, partial ones (and everything past the
+    /// log's cap) marked for read-back. Call after the write reached the image.
+    pub fn record_write(&self, start: u64, data: &[u8]) {
+        let end = start + data.len() as u64;
+        if end <= start {
+            return;
+        }
+        let bs = DISK_BLOCK as usize;
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        for b in start / DISK_BLOCK..end.div_ceil(DISK_BLOCK) {
+            let (bstart, bend) = (b * DISK_BLOCK, (b + 1) * DISK_BLOCK);
+            let whole = bstart >= start && bend <= end && bend <= self.capacity_bytes;
+            if !whole {
+                self.mark(bstart.max(start), bend.min(end));
+                continue;
+            }
+            let off = (bstart - start) as usize;
+            let src = &data[off..off + bs];
+            let log = &mut *log;
+            match log.index.get(&b) {
+                Some(&slot) => {
+                    log.logged.data[slot * bs..(slot + 1) * bs].copy_from_slice(src);
+                }
+                None if log.logged.data.len() + bs <= LOG_CAP => {
+                    log.index.insert(b, log.logged.blocks.len());
+                    log.logged.blocks.push(b);
+                    log.logged.data.extend_from_slice(src);
+                }
+                None => self.mark(bstart, bend),
+            }
+        }
+    }
+
+    /// Gives the buffers of a harvested log back for the next epoch.
+    pub fn recycle(&self, mut logged: LoggedBlocks) {
+        logged.blocks.clear();
+        logged.data.clear();
+        if logged.data.capacity() > 2 * LOG_CAP {
+            return;
+        }
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).spare = Some(logged);
+    }
+
     /// Records a completed FLUSH.
     pub fn mark_flush(&self) {
         self.flushed.store(true, Ordering::Release);
@@ -129,6 +207,12 @@ impl DiskTracker {
 
     /// Takes the blocks written and the flush flag since the last harvest.
     pub fn harvest(&self) -> DiskDirty {
+        let logged = {
+            let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+            log.index.clear();
+            let fresh = log.spare.take().unwrap_or_default();
+            std::mem::replace(&mut log.logged, fresh)
+        };
         let mut blocks = Vec::new();
         for (i, w) in self.words.iter().enumerate() {
             if w.load(Ordering::Relaxed) == 0 {
@@ -143,6 +227,7 @@ impl DiskTracker {
         }
         DiskDirty {
             blocks,
+            logged,
             flushed: self.flushed.swap(false, Ordering::AcqRel),
         }
     }
@@ -195,5 +280,48 @@ impl DiskTracker {
             .map_err(|source| DiskTrackError::Io { offset, source })?;
         tail.fill(0);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tracker(blocks: u64) -> (DiskTracker, std::path::PathBuf) {
+        let path = std::env::temp_dir().join(format!(
+            "castor-track-{}-{blocks}.img",
+            std::process::id()
+        ));
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(blocks * DISK_BLOCK).unwrap();
+        (DiskTracker::new(f, blocks * DISK_BLOCK, false), path)
+    }
+
+    #[test]
+    fn whole_blocks_are_logged_partial_ones_marked() {
+        let (t, path) = tracker(16);
+        let bs = DISK_BLOCK as usize;
+        // Blocks 1 and 2 whole, then block 1 again: logged once, last content.
+        t.record_write(DISK_BLOCK, &vec![1u8; 2 * bs]);
+        t.record_write(DISK_BLOCK, &vec![3u8; bs]);
+        // 512 bytes into block 5 and a write straddling blocks 7-8.
+        t.record_write(5 * DISK_BLOCK + 512, &[9u8; 512]);
+        t.record_write(7 * DISK_BLOCK + 2048, &vec![7u8; bs]);
+        t.mark_flush();
+        let d = t.harvest();
+        assert_eq!(d.logged.blocks, vec![1, 2]);
+        assert_eq!(d.logged.data[..bs], vec![3u8; bs][..]);
+        assert_eq!(d.logged.data[bs..], vec![1u8; bs][..]);
+        assert_eq!(d.blocks, vec![5, 7, 8]);
+        assert!(d.flushed);
+        let d = t.harvest();
+        assert!(d.blocks.is_empty() && d.logged.blocks.is_empty() && !d.flushed);
+        let _ = std::fs::remove_file(path);
     }
 }
