@@ -67,8 +67,14 @@ impl Backup {
                 );
             }
             events(self, GuardEvent::Ended(&end));
-            if let Ok(SessionEnd::Detached) = end {
-                return GuardEnd::Detached;
+            match end {
+                Ok(SessionEnd::Detached) => return GuardEnd::Detached,
+                // The primary's process is gone (its host said so): no
+                // timeout to wait out.
+                Ok(SessionEnd::PrimaryLost(Lost::PortClosed)) if self.committed_epoch() > 0 => {
+                    return GuardEnd::PrimaryLost(Lost::PortClosed)
+                }
+                _ => {}
             }
         }
     }

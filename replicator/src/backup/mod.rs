@@ -15,6 +15,7 @@ mod commit;
 mod detach;
 mod guard;
 mod hello;
+mod probe;
 mod session;
 mod takeover;
 
@@ -228,6 +229,10 @@ pub enum Lost {
     /// The connection failed.
     #[error("{0}")]
     Transport(#[from] TransportError),
+    /// The primary's host reported its port closed (ICMP port unreachable):
+    /// the primary's process is gone.
+    #[error("its host reports its port closed (the process died)")]
+    PortClosed,
 }
 
 /// Why a primary was refused at Hello.

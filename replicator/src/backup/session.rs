@@ -60,8 +60,13 @@ impl Backup {
             )),
             tokio::spawn(forward_datagrams(
                 conn.clone(),
-                tx,
+                tx.clone(),
                 Stamp(arrived.clone(), start),
+            )),
+            tokio::spawn(forward_port_closed(
+                conn.remote_address(),
+                self.cfg.heartbeat,
+                tx,
             )),
         ];
         let _abort = AbortOnDrop(readers);
@@ -106,6 +111,13 @@ impl Backup {
             };
             let frame = match event {
                 Event::Tick => continue,
+                Event::PortClosed => {
+                    log::warn!(
+                        "the primary's host reports its port {} closed: the primary's process died",
+                        conn.remote_address()
+                    );
+                    return Ok(SessionEnd::PrimaryLost(Lost::PortClosed));
+                }
                 Event::Detach => {
                     self.say_goodbye(&conn, &mut ctl_tx).await;
                     return Ok(SessionEnd::Detached);
@@ -186,6 +198,8 @@ impl Backup {
 enum Event {
     /// A planned detach was requested.
     Detach,
+    /// The primary's host reported its port closed.
+    PortClosed,
     Control(Result<Option<Queued>, TransportError>),
     Data(Result<Option<Queued>, TransportError>),
     Datagram(Result<Frame, TransportError>),
@@ -307,6 +321,17 @@ async fn forward(
         if tx.send(wrap(r)).await.is_err() || last {
             return;
         }
+    }
+}
+
+/// Reports the primary's port closed (see `probe`), once.
+async fn forward_port_closed(
+    peer: std::net::SocketAddr,
+    period: Duration,
+    tx: tokio::sync::mpsc::Sender<Event>,
+) {
+    if super::probe::port_closed(peer, period).await {
+        let _ = tx.send(Event::PortClosed).await;
     }
 }
 
