@@ -25,9 +25,17 @@ impl Release for Discard {
     fn release(&self, _epoch: u64, _items: &[castor_net_buffer::HeldItem]) {}
 }
 
-#[test]
-fn no_takeover_while_the_primary_is_heard_then_takeover_when_silent() {
-    require_kvm();
+/// What a test gets once a real primary committed 20 epochs and stopped.
+struct Paired {
+    lb: common::Loopback,
+    backup: std::thread::JoinHandle<(String, Instant, u64)>,
+    ends: Arc<Mutex<Vec<String>>>,
+    manifest: Vec<u8>,
+}
+
+/// A backup guarding (timeout 2 s), a real primary that commits 20 epochs
+/// and stops: from here on only what the test sends reaches the backup.
+fn paired() -> Paired {
     let _ = env_logger::builder().is_test(true).try_init();
     let (lb, listener) = common::loopback(2);
     let (rt, pid, bid, addr) = (&lb.rt, &lb.pid, &lb.bid, lb.addr);
@@ -127,7 +135,40 @@ fn no_takeover_while_the_primary_is_heard_then_takeover_when_silent() {
     let _ = primary.replicate(connect().unwrap(), rt.handle());
     stopper.join().unwrap();
     vm.pause();
+    let parts = {
+        let mut p = castor_vmm::parts::vm_parts(&vm);
+        p.push(Arc::new(castor_net_buffer::OutputPart::new(Arc::new(
+            OutputBuffer::new(castor_net_buffer::Config::default()),
+        ))));
+        p
+    };
+    let manifest = castor_replicator::manifest::Manifest::of(&vm, &parts)
+        .encode()
+        .unwrap();
+    Paired {
+        lb,
+        backup,
+        ends,
+        manifest,
+    }
+}
 
+#[test]
+fn no_takeover_while_the_primary_is_heard_then_takeover_when_silent() {
+    require_kvm();
+    let Paired {
+        lb, backup, ends, ..
+    } = paired();
+    let (rt, pid, bid, addr) = (&lb.rt, &lb.pid, &lb.bid, lb.addr);
+    let connect = || {
+        rt.block_on(transport::connect(
+            "127.0.0.1:0".parse().unwrap(),
+            addr,
+            pid,
+            &bid.cert(),
+            &TransportConfig::default(),
+        ))
+    };
     // The primary is still "heard": for 8 s (four timeouts) it keeps
     // connecting and misbehaving in turn, every ~150 ms.
     let heard_until = Instant::now() + Duration::from_secs(8);
@@ -172,5 +213,80 @@ fn no_takeover_while_the_primary_is_heard_then_takeover_when_silent() {
     assert!(
         ends.len() >= 3,
         "the misbehaving attempts did not reach the backup: {ends:?}"
+    );
+}
+
+/// A valid Hello of *another* session (another guest: a primary daemon
+/// restarted on the pair's host boots a new one) is not the pair's primary
+/// alive: refused at Hello (`Occupied`, code 15), and the backup takes the
+/// pair's guest over once its primary stays silent, while those Hellos keep
+/// coming (otherwise the restarted daemon would hold off the takeover
+/// forever, its new guest refused and the old one never resumed).
+#[test]
+fn another_guests_hellos_do_not_hold_off_the_takeover() {
+    require_kvm();
+    let Paired {
+        lb,
+        backup,
+        ends,
+        manifest,
+    } = paired();
+    let (rt, pid, bid, addr) = (&lb.rt, &lb.pid, &lb.bid, lb.addr);
+    let hello = castor_replicator::wire::Frame::new(
+        0,
+        castor_replicator::wire::Body::Hello(castor_replicator::wire::Hello {
+            versions: castor_replicator::wire::PROTOCOL_VERSIONS,
+            role: castor_replicator::wire::Role::Primary,
+            tracker: "bitmap".into(),
+            epoch_interval_ms: 5,
+            session_id: 0x0afe_1234,
+            resume_from_epoch: 0,
+            generation: 0,
+            manifest,
+        }),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut refused = 0;
+    while !backup.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "no takeover 60 s after the primary stopped, while another guest's Hellos kept coming; sessions: {:?}",
+            ends.lock().unwrap()
+        );
+        let conn = match rt.block_on(transport::connect(
+            "127.0.0.1:0".parse().unwrap(),
+            addr,
+            pid,
+            &bid.cert(),
+            &TransportConfig::default(),
+        )) {
+            Ok(c) => c,
+            // The backup took over and stopped listening.
+            Err(_) => continue,
+        };
+        rt.block_on(async {
+            let Ok((mut tx, mut rx)) = conn.open_control().await else {
+                return;
+            };
+            if tx.send(&hello).await.is_err() {
+                return;
+            }
+            if let Ok(Ok(Some(f))) =
+                tokio::time::timeout(Duration::from_secs(5), rx.recv_owned()).await
+            {
+                if let castor_replicator::wire::Body::Error(e) = f.body {
+                    assert_eq!(e.code, 15, "{}", e.message);
+                    refused += 1;
+                }
+            }
+        });
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let (lost, _, epoch) = backup.join().unwrap();
+    assert!(epoch >= 20, "took over ({lost}) from epoch {epoch}");
+    assert!(
+        refused >= 1,
+        "no Hello of another guest was refused before the takeover; sessions: {:?}",
+        ends.lock().unwrap()
     );
 }

@@ -43,60 +43,14 @@ impl Backup {
     /// Serves one primary connection until it ends. Every phase before the
     /// data stream has a deadline ([`BackupConfig::handshake_timeout`]).
     ///
-    /// A new session (another session id) gets a fresh replica, but the
-    /// committed replica of the pair's session is put back if the new
-    /// session ends before it wrote anything into the replica (a peer that
-    /// says Hello and then stalls or misbehaves): the pair's primary still
-    /// resumes incrementally, and the liveness rule still guards it.
-    pub async fn serve(&mut self, conn: Connection) -> Result<SessionEnd, BackupError> {
-        let mut prior = None;
-        let end = self.serve_once(conn, &mut prior).await;
-        if let Some(p) = prior {
-            self.put_back(p);
-        }
-        end
-    }
-
-    /// Puts back the replica a new session replaced, unless that session
-    /// committed or wrote into the memory or disk the replica lives in.
-    fn put_back(&mut self, p: PriorReplica) {
-        let (committed, written) = self
-            .replica
-            .as_ref()
-            .map_or((0, false), |r| (r.committed_epoch(), r.is_written()));
-        if committed > 0 {
-            return;
-        }
-        if written {
-            log::warn!(
-                "session {:#x} ended after overwriting the replica of session {:#x}: \
-                 a full synchronisation is needed",
-                self.session_id,
-                p.session_id
-            );
-            return;
-        }
-        log::warn!(
-            "session {:#x} ended before writing anything: keeping the committed replica \
-             of session {:#x} (epoch {})",
-            self.session_id,
-            p.session_id,
-            p.replica.as_ref().map_or(0, Replica::committed_epoch)
-        );
-        if let Some(m) = p.machine {
-            self.machine = Some(m);
-        }
-        self.replica = p.replica;
-        self.session_id = p.session_id;
-    }
-
-    async fn serve_once(
-        &mut self,
-        mut conn: Connection,
-        prior: &mut Option<PriorReplica>,
-    ) -> Result<SessionEnd, BackupError> {
+    /// While this backup holds a live committed replica, only its pair's
+    /// session is served: a Hello of another session (another guest) is
+    /// refused ([`Refusal::Occupied`]) and the replica stays untouched.
+    pub async fn serve(&mut self, mut conn: Connection) -> Result<SessionEnd, BackupError> {
         // An authenticated connection (the pinned primary certificate) is a
         // sign of life.
+        // (Unless it turns out to be another guest's Hello: see below.)
+        let heard_before = self.last_heard;
         self.heard_at(Instant::now());
         let limit = self.cfg.handshake_timeout;
         let (mut ctl_tx, mut ctl_rx) = tokio::time::timeout(limit, conn.accept_control())
@@ -113,13 +67,31 @@ impl Backup {
             }
             Ok(Ok(r)) => r.ok_or(BackupError::ClosedBeforeHello)?,
         };
-        self.heard_at(Instant::now());
+        let hello_at = Instant::now();
         let Body::Hello(h) = hello.body else {
+            self.heard_at(hello_at);
             return Err(BackupError::UnexpectedFrame(hello.body.frame_type()));
         };
         if h.role != Role::Primary {
+            self.heard_at(hello_at);
             return Err(BackupError::NotPrimary);
         }
+        // A valid Hello of another session is another guest (a restarted
+        // primary daemon boots a new one): it is not the pair's primary
+        // alive, and it may not replace the committed replica of the pair's
+        // guest, which is taken over if its primary stays silent.
+        let live_replica = self.committed_epoch() > 0
+            && !self.replica.as_ref().is_some_and(Replica::is_diverged);
+        if live_replica && h.session_id != self.session_id {
+            self.last_heard = heard_before;
+            let why = Refusal::Occupied {
+                session: self.session_id,
+                committed: self.committed_epoch(),
+            };
+            log::error!("refusing a primary of another session {:#x}: {why}", h.session_id);
+            return Self::refused(&conn, &mut ctl_tx, why).await;
+        }
+        self.heard_at(hello_at);
         let Some(version) = h.versions.common_max(&self.cfg.protocol) else {
             let why = Refusal::Versions {
                 primary: h.versions,
@@ -166,19 +138,6 @@ impl Backup {
                 manifest.parts.len(),
                 h.tracker
             );
-            // The pair's committed replica stays aside until this session
-            // writes into the replica (see `serve`).
-            if self.committed_epoch() > 0 && !diverged {
-                *prior = Some(PriorReplica {
-                    machine: if candidate.is_some() {
-                        self.machine.take()
-                    } else {
-                        None
-                    },
-                    replica: self.replica.take(),
-                    session_id: self.session_id,
-                });
-            }
             if let Some(c) = candidate {
                 self.machine = Some(c);
             }
@@ -272,13 +231,4 @@ impl Backup {
         }
         end
     }
-}
-
-/// A committed replica that a new session replaced, kept until that session
-/// writes into the replica.
-pub(super) struct PriorReplica {
-    /// Its machine, when the new session built another one (another shape).
-    machine: Option<ReplicaMachine>,
-    replica: Option<Replica>,
-    session_id: u64,
 }

@@ -252,6 +252,19 @@ pub enum Refusal {
     /// The manifest does not fit this backup.
     #[error("{0}")]
     Manifest(#[from] crate::manifest::ManifestError),
+    /// Another session (another guest) while this backup holds the
+    /// committed replica of its pair's guest.
+    #[error(
+        "this backup holds the committed replica (epoch {committed}) of session {session:#x}, another guest: \
+         it takes that guest over if its primary stays silent, and pairs with no other guest meanwhile; \
+         to protect this guest with it instead, restart the backup (it then drops that replica)"
+    )]
+    Occupied {
+        /// The pair's session.
+        session: u64,
+        /// Its committed epoch.
+        committed: u64,
+    },
 }
 
 impl Refusal {
@@ -260,6 +273,7 @@ impl Refusal {
         match self {
             Refusal::Header(_) | Refusal::Versions { .. } => ErrorCode::Version,
             Refusal::Manifest(_) => ErrorCode::Manifest,
+            Refusal::Occupied { .. } => ErrorCode::Occupied,
         }
     }
 }

@@ -177,6 +177,9 @@ pub enum ErrorCode {
     /// ctl detach`) and will not take over: the primary runs on unprotected
     /// instead of applying its backup-loss policy.
     Detach = 14,
+    /// The backup holds the committed replica of another session (another
+    /// guest) and pairs with no other guest meanwhile.
+    Occupied = 15,
 }
 
 impl ErrorCode {
@@ -192,6 +195,7 @@ impl ErrorCode {
             12 => ErrorCode::NotRestorable,
             13 => ErrorCode::Diverged,
             14 => ErrorCode::Detach,
+            15 => ErrorCode::Occupied,
             _ => return None,
         })
     }
@@ -211,7 +215,10 @@ impl ErrorCode {
     pub fn is_refusal(self) -> bool {
         matches!(
             self,
-            ErrorCode::Version | ErrorCode::Manifest | ErrorCode::NotRestorable
+            ErrorCode::Version
+                | ErrorCode::Manifest
+                | ErrorCode::NotRestorable
+                | ErrorCode::Occupied
         )
     }
 }
