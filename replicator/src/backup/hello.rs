@@ -80,15 +80,18 @@ impl Backup {
         // primary daemon boots a new one): it is not the pair's primary
         // alive, and it may not replace the committed replica of the pair's
         // guest, which is taken over if its primary stays silent.
-        let live_replica = self.committed_epoch() > 0
-            && !self.replica.as_ref().is_some_and(Replica::is_diverged);
+        let live_replica =
+            self.committed_epoch() > 0 && !self.replica.as_ref().is_some_and(Replica::is_diverged);
         if live_replica && h.session_id != self.session_id {
             self.last_heard = heard_before;
             let why = Refusal::Occupied {
                 session: self.session_id,
                 committed: self.committed_epoch(),
             };
-            log::error!("refusing a primary of another session {:#x}: {why}", h.session_id);
+            log::error!(
+                "refusing a primary of another session {:#x}: {why}",
+                h.session_id
+            );
             return Self::refused(&conn, &mut ctl_tx, why).await;
         }
         self.heard_at(hello_at);
