@@ -47,7 +47,7 @@ fn status_bytes(field: &str) -> u64 {
 /// One epoch: every guest page as a zero (even epochs) or unchanged (odd)
 /// entry, then the parts' real sections and a correct EpochEnd.
 fn flood_epoch(epoch: u64, vm: &Vm, parts: &castor_parts::PartSet) -> (Vec<u8>, Vec<u8>) {
-    let tag = if epoch % 2 == 0 {
+    let tag = if epoch.is_multiple_of(2) {
         PageTag::Zero
     } else {
         PageTag::Unchanged

@@ -1829,11 +1829,6 @@ fn rogue_peer_with_the_primary_key_cannot_break_the_backup() {
     eprintln!("{rogue_classes} rogue classes refused; resumed from {committed} to {epoch}");
 }
 
-fn zero_batch_at(epoch: u64, pages: &[u64]) -> Vec<u8> {
-    let entries: Vec<(u64, u8, &[u8])> = pages.iter().map(|&p| (p, TAG_ZERO, &[][..])).collect();
-    frame(V, T_PAGES, epoch, &pages_payload(&entries))
-}
-
 fn d_clone(frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
     frames
         .iter()
