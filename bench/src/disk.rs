@@ -40,6 +40,9 @@ pub struct Args {
     /// Image size of the initial-synchronisation cell, MiB (half data, half hole).
     #[arg(long, default_value_t = 1024)]
     pub sync_mib: u64,
+    /// Rate of the paced throughput cells, MiB/s (the others run flat out).
+    #[arg(long, default_value_t = 64)]
+    pub paced_mib_s: u64,
     /// Random 4 KiB write rate of the pause cell, MiB/s.
     #[arg(long, default_value_t = 20)]
     pub write_mib_s: u64,
@@ -278,12 +281,12 @@ fn measure_writes(rec: &Rec, tsc_khz: u32, seconds: f64) -> Result<(f64, f64, f6
     ))
 }
 
-fn sequential_boot(blocks: u64) -> GuestBoot {
+fn sequential_boot(blocks: u64, writes_per_s: u64) -> GuestBoot {
     GuestBoot {
         workload: Workload::Disk(DiskParams {
             blocks,
             continuous: true,
-            rate: 0,
+            rate: writes_per_s,
             ops: 0,
             sequential: true,
         }),
@@ -316,79 +319,74 @@ fn run_in(a: &Args, out: &Output, dir: &Path) -> Result<(), String> {
     let bytes = a.image_mib << 20;
     let blocks = bytes / 4096;
 
-    // 1. Throughput, unprotected then protected.
-    let img = dir.join("u.img");
-    make_image(&img, bytes)?;
-    let r = rec(None);
-    let vm = vm_on(&img, r.clone(), DirtyTracking::None)?;
-    vm.boot(&sequential_boot(blocks))
-        .map_err(|e| format!("boot: {e}"))?;
-    vm.resume();
-    std::thread::sleep(Duration::from_secs(1));
-    let (u_mib, u_f50, u_f99) = measure_writes(&r, vm.tsc_khz(), a.seconds)?;
-    vm.pause();
-    drop(vm);
-
-    let (pimg, bimg) = (dir.join("p.img"), dir.join("b.img"));
-    make_image(&pimg, bytes)?;
-    make_image(&bimg, bytes)?;
-    let buffer = Arc::new(OutputBuffer::new(
-        castor_net_buffer::Config::with_max_bytes(1 << 20),
-    ));
-    let r = rec(Some(buffer.clone()));
-    let pair = protect(
-        &pimg,
-        &bimg,
-        &sequential_boot(blocks),
-        r.clone(),
-        buffer,
-        epoch,
-    )?;
-    let measured = pair.wait_protected().and_then(|_| {
+    // 1. Throughput, unprotected then protected, flat out and paced.
+    let mut rows = Vec::new();
+    for (i, paced) in [0u64, a.paced_mib_s].into_iter().enumerate() {
+        let writes_per_s = paced * 16; // 64 KiB writes
+        let img = dir.join(format!("u{i}.img"));
+        make_image(&img, bytes)?;
+        let r = rec(None);
+        let vm = vm_on(&img, r.clone(), DirtyTracking::None)?;
+        vm.boot(&sequential_boot(blocks, writes_per_s))
+            .map_err(|e| format!("boot: {e}"))?;
+        vm.resume();
         std::thread::sleep(Duration::from_secs(1));
-        measure_writes(&r, pair.vm.tsc_khz(), a.seconds)
-    });
-    let ack_p50 = {
-        let h = pair
-            .status
-            .history
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        percentile(
-            h.iter()
-                .filter_map(|s| s.ack_latency.map(|d| d.as_secs_f64() * 1e3))
-                .collect(),
-            0.5,
-        )
-    };
-    pair.finish()?;
-    let (p_mib, p_f50, p_f99) = measured?;
+        let (u_mib, u_f50, u_f99) = measure_writes(&r, vm.tsc_khz(), a.seconds)?;
+        vm.pause();
+        drop(vm);
+
+        let (pimg, bimg) = (dir.join(format!("p{i}.img")), dir.join(format!("b{i}.img")));
+        make_image(&pimg, bytes)?;
+        make_image(&bimg, bytes)?;
+        let buffer = Arc::new(OutputBuffer::new(
+            castor_net_buffer::Config::with_max_bytes(1 << 20),
+        ));
+        let r = rec(Some(buffer.clone()));
+        let pair = protect(
+            &pimg,
+            &bimg,
+            &sequential_boot(blocks, writes_per_s),
+            r.clone(),
+            buffer,
+            epoch,
+        )?;
+        let measured = pair.wait_protected().and_then(|_| {
+            std::thread::sleep(Duration::from_secs(1));
+            measure_writes(&r, pair.vm.tsc_khz(), a.seconds)
+        });
+        pair.finish()?;
+        let (p_mib, p_f50, p_f99) = measured?;
+        let asked = if paced == 0 {
+            json!("flat out")
+        } else {
+            json!(paced)
+        };
+        rows.push(vec![
+            ("mode", json!("unprotected")),
+            ("asked MiB/s", asked.clone()),
+            ("write MiB/s", json!(u_mib)),
+            ("flush p50 us", json!(u_f50)),
+            ("flush p99 us", json!(u_f99)),
+            ("vs unprotected", json!("100%")),
+        ]);
+        rows.push(vec![
+            ("mode", json!("protected")),
+            ("asked MiB/s", asked),
+            ("write MiB/s", json!(p_mib)),
+            ("flush p50 us", json!(p_f50)),
+            ("flush p99 us", json!(p_f99)),
+            (
+                "vs unprotected",
+                json!(format!("{:.0}%", p_mib * 100.0 / u_mib.max(1e-9))),
+            ),
+        ]);
+    }
     out.table(
         &format!(
             "disk: sequential 64 KiB guest writes, flush every 1 MiB ({} MiB image, {} ms epochs)",
             a.image_mib, a.epoch_ms
         ),
-        &[
-            vec![
-                ("mode", json!("unprotected")),
-                ("write MiB/s", json!(u_mib)),
-                ("flush p50 us", json!(u_f50)),
-                ("flush p99 us", json!(u_f99)),
-                ("ack p50 ms", json!("-")),
-                ("vs unprotected", json!("100%")),
-            ],
-            vec![
-                ("mode", json!("protected")),
-                ("write MiB/s", json!(p_mib)),
-                ("flush p50 us", json!(p_f50)),
-                ("flush p99 us", json!(p_f99)),
-                ("ack p50 ms", json!(ack_p50)),
-                (
-                    "vs unprotected",
-                    json!(format!("{:.0}%", p_mib * 100.0 / u_mib.max(1e-9))),
-                ),
-            ],
-        ],
+        &rows,
     );
 
     // 2. Initial synchronisation of a half-data, half-hole image.

@@ -570,6 +570,14 @@ impl Replica {
         self.disk.is_some()
     }
 
+    /// The largest legitimate disk part of one epoch on the wire: every
+    /// block of the disk raw, with its entry overhead (0 without a disk).
+    pub fn largest_disk_bytes(&self) -> usize {
+        self.disk.as_ref().map_or(0, |d| {
+            (d.blocks() as usize).saturating_mul(disk::BLOCK + wire::PAGE_ENTRY_OVERHEAD)
+        })
+    }
+
     /// Initial synchronisation of the disk: a pre-copy `DiskBatch` is written
     /// straight to the image (like [`Replica::apply_sync_batch`]).
     pub fn apply_sync_disk(

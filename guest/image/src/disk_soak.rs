@@ -56,7 +56,7 @@ pub fn sequential(blk: &mut Blk, info: &BootInfo, cfg: &DeviceConfig) -> ! {
     let mut seq: u64 = 0;
     let mut writes: u64 = 0;
     let tsc_hz = info.tsc_khz.max(1) * 1000;
-    let ticks_per_op = if cfg.rate == 0 { 0 } else { tsc_hz / cfg.rate };
+    let ticks_per_op = tsc_hz.checked_div(cfg.rate).unwrap_or(0);
     let mut deadline = rt::rdtsc();
     loop {
         let c = writes % chunks;
@@ -120,7 +120,7 @@ pub fn run(blk: &mut Blk, info: &BootInfo, cfg: &DeviceConfig) -> ! {
     let mut verified: u64 = 0;
     let mut vptr: u64 = 0;
     let tsc_hz = info.tsc_khz.max(1) * 1000;
-    let ticks_per_op = if cfg.rate == 0 { 0 } else { tsc_hz / cfg.rate };
+    let ticks_per_op = tsc_hz.checked_div(cfg.rate).unwrap_or(0);
     let mut deadline = rt::rdtsc();
     loop {
         // Write the next round of a random block.

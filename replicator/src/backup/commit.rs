@@ -51,11 +51,11 @@ impl Backup {
             return Err(BackupError::TooManyEpochs(self.cfg.max_epochs_buffered));
         }
         // One cap for everything buffered, whatever the number of epochs.
-        // The worst legitimate epoch carries every page raw: never refuse that.
-        let cap = self
-            .cfg
-            .max_epoch_bytes
-            .max(largest_epoch_bytes(replica.limits()));
+        // The worst legitimate epoch carries every page raw (and every block
+        // of a protected disk): never refuse that.
+        let cap = self.cfg.max_epoch_bytes.max(
+            largest_epoch_bytes(replica.limits()).saturating_add(replica.largest_disk_bytes()),
+        );
         let buffered: usize = pending.values().map(EpochAssembler::buffered_bytes).sum();
         if buffered + raw.len() > cap {
             return Err(CheckpointError::TooLarge { epoch: e, cap }.into());
