@@ -131,6 +131,12 @@ pub struct SyncProgress {
     pub memory_bytes: u64,
     /// Seconds since it began.
     pub seconds: f64,
+    /// A full synchronisation: the share of guest memory its first pass
+    /// has sent, 0 to 100 (the rounds after it resend what the guest
+    /// dirtied meanwhile). `None` for an incremental resync, or before the
+    /// pipeline reports.
+    #[serde(default)]
+    pub memory_percent: Option<f64>,
 }
 
 /// The protection state of the guest, as this daemon sees it.
@@ -216,6 +222,9 @@ impl std::fmt::Display for ProtectionState {
                         "full synchronisation"
                     }
                 )?;
+                if let Some(pct) = p.memory_percent {
+                    write!(f, ", {pct:.0}% of memory sent")?;
+                }
                 if p.bytes_sent > 0 {
                     write!(f, ", {} sent", bytes(p.bytes_sent as f64))?;
                     if p.memory_bytes > 0 && !p.incremental {
@@ -538,6 +547,7 @@ impl StatusBoard {
                 bytes_sent: 0,
                 memory_bytes,
                 seconds: 0.0,
+                memory_percent: None,
             }),
         );
     }
@@ -771,6 +781,12 @@ impl StatusBoard {
                 bytes_sent: wire.saturating_sub(s.wire_at_start),
                 memory_bytes: g.memory_bytes,
                 seconds: s.started.elapsed().as_secs_f64(),
+                memory_percent: {
+                    let total = p.precopy_pages_total.load(Ordering::Relaxed);
+                    let sent = p.precopy_pages_sent.load(Ordering::Relaxed);
+                    let full = !(s.incremental && p.protected.load(Ordering::Relaxed));
+                    (full && total > 0).then(|| (sent.min(total) as f64) * 100.0 / total as f64)
+                },
             };
             let done = p.protected.load(Ordering::Relaxed) && acked > s.acked_at_start;
             if done {
@@ -1086,11 +1102,16 @@ mod tests {
         board.watch_primary(ps.clone(), 64 << 20);
         board.session_started("127.0.0.1:7400".into(), false);
         ps.wire_bytes.store(1 << 20, Ordering::Relaxed);
+        ps.precopy_pages_total.store(16384, Ordering::Relaxed);
+        ps.precopy_pages_sent.store(4096, Ordering::Relaxed);
         board.tick();
         match board.state() {
             ProtectionState::Syncing(p) => {
                 assert!(!p.incremental);
                 assert_eq!(p.bytes_sent, 1 << 20);
+                assert_eq!(p.memory_percent, Some(25.0));
+                let text = ProtectionState::Syncing(p).to_string();
+                assert!(text.contains("25% of memory sent"), "{text}");
             }
             other => panic!("{other:?}"),
         }

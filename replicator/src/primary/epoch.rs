@@ -304,6 +304,10 @@ impl Primary {
         self.vm.resume();
         started?;
         let total_pages = self.vm.shape().memory_end() / PAGE as u64;
+        self.status.precopy_pages_sent.store(0, Ordering::Relaxed);
+        self.status
+            .precopy_pages_total
+            .store(total_pages, Ordering::Relaxed);
         let mut round_pages: Vec<u64> = (0..total_pages).collect();
         for round in 0..=self.cfg.precopy_max_rounds {
             let t = Instant::now();
@@ -326,6 +330,11 @@ impl Primary {
                     .is_err()
                 {
                     return Err(self.session_failure(board));
+                }
+                if round == 0 {
+                    self.status
+                        .precopy_pages_sent
+                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 }
             }
             log::info!(

@@ -48,6 +48,11 @@ pub struct PrimaryStatus {
     pub dirty_bytes: AtomicU64,
     /// Whether the initial synchronisation is done (the guest is protected).
     pub protected: AtomicBool,
+    /// Guest pages a full synchronisation sends in its first pass (0: none
+    /// in progress or done yet).
+    pub precopy_pages_total: AtomicU64,
+    /// Of those, the pages already sent.
+    pub precopy_pages_sent: AtomicU64,
     /// Disk blocks (4 KiB) the current initial synchronisation has sent.
     pub disk_sync_blocks: AtomicU64,
     /// How long the last full synchronisation of the disk took (whole image
