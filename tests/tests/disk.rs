@@ -21,6 +21,10 @@
 //!   corrupted epoch ends the session under writes, the primary reconnects
 //!   and resyncs incrementally (the blocks of every unacked epoch); once the
 //!   guest is done the two images are byte for byte equal.
+//! - `reprotection_syncs_the_disk_to_a_new_backup`: processes; after the
+//!   first takeover the backup re-protects the guest to a second backup
+//!   (full disk sync under writes); killing it, the second backup takes
+//!   over on its own image and the guest reads every block back there.
 //! - `wrong_size_backup_image_is_refused_at_hello`: processes; the backup's
 //!   image is half the primary's: refused at Hello with the size and the
 //!   `truncate` command, nothing committed or released.
@@ -125,7 +129,7 @@ fn start(c: &Cluster, backup: bool) -> Daemon {
 
 fn logs(c: &Cluster) -> String {
     let mut s = String::new();
-    for n in ["primary", "backup"] {
+    for n in ["primary", "backup", "backup2"] {
         if let Ok(t) = std::fs::read_to_string(c.dir.join(format!("{n}.log"))) {
             let lines: Vec<&str> = t.lines().collect();
             let tail = &lines[lines.len().saturating_sub(20)..];
@@ -488,4 +492,124 @@ fn reconnection_resyncs_the_disk_incrementally() {
     assert!(written > 100, "only {written} blocks written");
     eprintln!("images equal: {written} of 512 blocks written by the guest");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Kill the primary; the backup takes over on its image and re-protects the
+/// guest with a second backup (the disk is synchronised to it while the
+/// guest writes); then kill that new primary: the second backup takes over
+/// on *its* image and the guest reads every block back there without a
+/// mismatch. One history across both failovers.
+#[test]
+fn reprotection_syncs_the_disk_to_a_new_backup() {
+    require_kvm();
+    let _serial = serial();
+    let obs = Observer::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .unwrap_or_else(|e| panic!("observer: {e}"));
+    let size = BLOCKS * BS as u64;
+    let c = disk_cluster(&obs, size, size, 2000);
+    make_image(&c.dir.join("backup2.img"), size);
+    castor_replicator::transport::write_identity(&c.dir, "backup2")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let b2_addr = SocketAddr::from((
+        [127, 0, 0, 1],
+        castor::cluster::free_udp_port().unwrap_or_else(|e| panic!("{e}")),
+    ));
+    let b2_config = c.dir.join("backup2.toml");
+    std::fs::write(
+        &b2_config,
+        format!(
+            "[replication]\nlisten = \"{b2_addr}\"\nheartbeat_ms = 10\ntimeout_ms = 100\n\n\
+             [tls]\ncert = \"backup2.crt\"\nkey = \"backup2.key\"\npeer_cert = \"backup.crt\"\n\n\
+             [output]\nrelease_to = \"{}\"\n\n[disk]\npath = \"backup2.img\"\n",
+            obs.addr()
+        ),
+    )
+    .unwrap();
+    let b1 = c.backup_config();
+    let mut text = std::fs::read_to_string(&b1).unwrap();
+    text.push_str(&format!(
+        "\n[takeover]\nnew_backup = \"{b2_addr}\"\nnew_backup_cert = \"backup2.crt\"\nbind = \"127.0.0.1:0\"\nepoch_ms = 10\n"
+    ));
+    std::fs::write(&b1, text).unwrap();
+    let log_has = |name: &str, s: &str| {
+        std::fs::read_to_string(c.dir.join(format!("{name}.log")))
+            .unwrap_or_default()
+            .contains(s)
+    };
+    let wait_log = |name: &str, s: &str| {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(30) && !log_has(name, s) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        log_has(name, s)
+    };
+
+    let mut backup = start(&c, true);
+    let mut backup2 = c
+        .spawn_with("backup2", "backup", &b2_config)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut primary = start(&c, false);
+    assert!(
+        obs.wait_until(Duration::from_secs(60), |l| l.len() >= 20),
+        "no protected output\n{}",
+        logs(&c)
+    );
+    primary.kill();
+    assert!(
+        wait_log("backup", "attached: protection resumes"),
+        "backup 1 never re-protected the guest\n{}",
+        logs(&c)
+    );
+    // Backup 2 commits a while (the guest keeps writing).
+    let n = obs.count();
+    assert!(
+        obs.wait_until(Duration::from_secs(30), |l| l.len() >= n + 40),
+        "no output while re-protected\n{}",
+        logs(&c)
+    );
+    // Who released before the second failover, and how far the guest got.
+    let before: Vec<Datagram> = obs.datagrams();
+    let senders: std::collections::BTreeSet<SocketAddr> = before.iter().map(|d| d.from).collect();
+    let start_iter = before
+        .iter()
+        .map(|d| record(d).iterations)
+        .max()
+        .unwrap_or(0);
+    let last_from = before.last().map(|d| d.from);
+    backup.kill();
+    assert!(
+        wait_log("backup2", "TAKEOVER complete"),
+        "backup 2 did not take over\n{}",
+        logs(&c)
+    );
+    // A full pass of read-backs on backup 2's image.
+    let passed = obs.wait_until(Duration::from_secs(60), |l| {
+        l.iter()
+            .any(|d| !senders.contains(&d.from) && record(d).iterations >= start_iter + BLOCKS + 16)
+            || !mismatches(l).is_empty()
+    });
+    backup2.kill();
+    let log = obs.finish();
+    let bad = mismatches(&log);
+    assert!(
+        bad.is_empty(),
+        "the guest read back wrong blocks: {bad:?}\n{}",
+        logs(&c)
+    );
+    assert!(
+        passed,
+        "no full pass of read-backs on backup 2's image (last sender before: {last_from:?})\n{}",
+        logs(&c)
+    );
+    let v = check(
+        &log,
+        None,
+        &CheckOptions {
+            from_start: true,
+            failovers: Some(2),
+        },
+    );
+    assert!(v.ok(), "{v}\n{}", logs(&c));
+    let written = check_image_blocks(&c.dir.join("backup2.img")).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("backup 2's image: {written} written blocks, all whole");
 }
