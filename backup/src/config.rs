@@ -398,6 +398,39 @@ mod tests {
     }
 
     #[test]
+    fn disk_image_checked_or_created_sparse() {
+        let dir = std::env::temp_dir().join(format!("castor-bcfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("replica.img");
+        let _ = std::fs::remove_file(&img);
+        let at = |rest: &str| Config::parse(&format!("{BASE}{rest}"), &dir.join("backup.toml"));
+        // Missing: named, with the fix.
+        let e = at("[disk]\npath = \"replica.img\"\n").unwrap_err();
+        assert_eq!(field(e), "disk.path");
+        // Created sparse when asked.
+        let c = at("[disk]\npath = \"replica.img\"\ncreate = \"8M\"\n").unwrap();
+        assert_eq!(c.disk.unwrap().path, img);
+        let m = std::fs::metadata(&img).unwrap();
+        assert_eq!(m.len(), 8 << 20);
+        assert!(
+            std::os::unix::fs::MetadataExt::blocks(&m) < 64,
+            "not sparse"
+        );
+        // Not a whole number of 4 KiB blocks.
+        std::fs::File::create(&img).unwrap().set_len(1000).unwrap();
+        assert_eq!(
+            field(at("[disk]\npath = \"replica.img\"\n").unwrap_err()),
+            "disk.path"
+        );
+        // The backup writes its image.
+        assert_eq!(
+            field(at("[disk]\npath = \"replica.img\"\nread_only = true\n").unwrap_err()),
+            "disk.read_only"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn reprotection() {
         let c = parse(
             "[takeover]\nnew_backup = \"10.0.0.9:7400\"\nnew_backup_cert = \"b2.crt\"\n\

@@ -208,6 +208,10 @@ pub struct DiskSection {
     /// replicated). Default false.
     #[serde(default)]
     pub read_only: bool,
+    /// When `path` does not exist, create it as a sparse image of this size
+    /// ("1G"; the backup's must be the primary's size). Default: never.
+    #[serde(default)]
+    pub create: Option<String>,
 }
 
 impl DiskSection {
@@ -218,6 +222,25 @@ impl DiskSection {
         v: &Validator<'_>,
     ) -> Result<castor_vmm::devices::BlkConfig, ConfigError> {
         let path = v.relative(&self.path);
+        if let (Some(size), false) = (&self.create, path.exists()) {
+            let bytes = v.size("disk.create", size)?;
+            if bytes == 0 || bytes % castor_vmm::devices::DISK_BLOCK != 0 {
+                return Err(v.invalid(
+                    "disk.create",
+                    format!("{size:?}: use a non-zero multiple of 4 KiB, e.g. \"1G\""),
+                ));
+            }
+            std::fs::File::create_new(&path)
+                .and_then(|f| f.set_len(bytes))
+                .map_err(|e| {
+                    v.invalid("disk.create", format!("creating {}: {e}", path.display()))
+                })?;
+            log::info!(
+                "created the sparse disk image {} ({} MiB)",
+                path.display(),
+                bytes >> 20
+            );
+        }
         let len = match std::fs::metadata(&path) {
             Ok(m) if m.is_file() => m.len(),
             Ok(_) => {
@@ -230,7 +253,7 @@ impl DiskSection {
                 return Err(v.invalid(
                     "disk.path",
                     format!(
-                        "{}: {e}; create an image with `truncate -s SIZE {}` (the backup's must be the size of the primary's)",
+                        "{}: {e}; create an image with `truncate -s SIZE {}`, or set create = \"SIZE\" under [disk] (the backup's must be the size of the primary's)",
                         path.display(),
                         path.display()
                     ),

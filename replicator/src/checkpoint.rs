@@ -492,6 +492,10 @@ pub struct CommitInfo {
     pub proven: bool,
     /// Disk blocks written to the replica's image.
     pub disk_blocks: u64,
+    /// Whether the replica's image was made durable (`fdatasync`) before
+    /// this commit returned: the epoch carried a guest FLUSH (or followed a
+    /// pre-copy).
+    pub disk_synced: bool,
 }
 
 /// The backup's replica: guest memory (owned by the backup's paused VM), the
@@ -882,10 +886,10 @@ impl Replica {
         }
         // The disk, after the memory: written only now that the whole epoch
         // verified (and made durable when the guest flushed).
-        let mut disk_blocks = 0;
+        let (mut disk_blocks, mut disk_synced) = (0, false);
         if let Some(d) = &mut self.disk {
             match d.apply() {
-                Ok(n) => disk_blocks = n,
+                Ok((n, synced)) => (disk_blocks, disk_synced) = (n, synced),
                 Err(source) => {
                     // Half-applied: no longer equal to any checkpoint.
                     self.diverged = true;
@@ -920,6 +924,7 @@ impl Replica {
             memory_verified,
             proven: proving,
             disk_blocks,
+            disk_synced,
         })
     }
 }

@@ -387,8 +387,9 @@ impl ReplicaDisk {
 
     /// Writes what the epoch staged to the image (after the whole epoch
     /// verified) and makes the image durable if the guest flushed (or
-    /// pre-copy data is not yet durable). Returns the blocks written.
-    pub fn apply(&mut self) -> Result<u64, DiskError> {
+    /// pre-copy data is not yet durable). Returns the blocks written and
+    /// whether the image was synced.
+    pub fn apply(&mut self) -> Result<(u64, bool), DiskError> {
         let mut n = 0u64;
         for (i, &b) in self.staged_blocks.iter().enumerate() {
             self.write_block(b, &self.staging[i * BLOCK..(i + 1) * BLOCK])?;
@@ -401,7 +402,8 @@ impl ReplicaDisk {
         }
         self.staged_zero = zero;
         self.staged_zero.clear();
-        if self.flushed || self.unsynced {
+        let synced = self.flushed || self.unsynced;
+        if synced {
             self.file.sync_data().map_err(io(DiskOp::Sync, 0))?;
             self.unsynced = false;
         }
@@ -409,7 +411,7 @@ impl ReplicaDisk {
             self.staging = Vec::new();
             self.staged_blocks = Vec::new();
         }
-        Ok(n)
+        Ok((n, synced))
     }
 
     /// Initial synchronisation (no committed checkpoint yet to protect):

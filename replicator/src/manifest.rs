@@ -171,7 +171,7 @@ fn hint_for(identity: &PartIdentity) -> String {
             mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]
         ),
         PartIdentity::VirtioBlk { capacity_bytes, .. } => format!(
-            "add a [disk] section to the backup's config (backup.toml) naming an image of exactly {capacity_bytes} bytes (create it with `truncate -s {capacity_bytes} IMAGE`)"
+            "add a [disk] section to the backup's config (backup.toml) naming an image of exactly {capacity_bytes} bytes (create it with `truncate -s {capacity_bytes} IMAGE`, or let the backup create a sparse one: create = \"{capacity_bytes}\" under [disk])"
         ),
         other => format!("configure the backup with the same {other} as the primary"),
     }
@@ -324,7 +324,7 @@ impl Manifest {
             if d.identity != p.identity {
                 let hint = match &p.identity {
                     PartIdentity::VirtioBlk { capacity_bytes, .. } => format!(
-                        "the backup's image ([disk] path in backup.toml) must be exactly {capacity_bytes} bytes, like the primary's: resize it with `truncate -s {capacity_bytes} IMAGE` (the initial synchronisation then copies the primary's content)"
+                        "the backup's image ([disk] path in backup.toml) must be exactly {capacity_bytes} bytes, like the primary's: resize it with `truncate -s {capacity_bytes} IMAGE`, or remove it and set create = \"{capacity_bytes}\" under [disk] (the initial synchronisation then copies the primary's content)"
                     ),
                     other => hint_for(other),
                 };

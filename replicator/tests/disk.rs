@@ -4,7 +4,8 @@
 //! corrupt LZ4, blocks for a replica without a disk, a `DiskBatch` in a
 //! protocol that predates it) is refused with a typed error and leaves the
 //! image and the committed epoch as they were; zero blocks cost (almost)
-//! nothing on the wire.
+//! nothing on the wire; an epoch that flushed is made durable before it is
+//! acknowledged (and only such an epoch, or the first after a pre-copy).
 
 use castor_parts::PartSet;
 use castor_replicator::checkpoint::{
@@ -166,6 +167,8 @@ fn blocks_reach_the_image_at_commit_and_bad_frames_keep_the_replica() {
         )
         .unwrap();
     assert_eq!(info.disk_blocks, 2);
+    // The guest flushed (and pre-copy data preceded): durable before the ack.
+    assert!(info.disk_synced);
     assert_eq!(block(&f, 5), vec![0x55; BLOCK]);
     assert_eq!(block(&f, 6), vec![0x66; BLOCK]);
     assert_eq!(r.committed_epoch(), 1);
@@ -240,13 +243,22 @@ fn blocks_reach_the_image_at_commit_and_bad_frames_keep_the_replica() {
     }
 
     // The replica still takes the next good epoch.
-    r.commit(
-        &assemble(2, &epoch(2, &[(7, 0x77), (63, 0)], false)),
-        |_| [0; 32],
-    )
-    .unwrap();
+    let info = r
+        .commit(
+            &assemble(2, &epoch(2, &[(7, 0x77), (63, 0)], false)),
+            |_| [0; 32],
+        )
+        .unwrap();
+    // No flush in this epoch: no fdatasync on the commit path.
+    assert!(!info.disk_synced);
+    // A flush with no write still syncs.
+    let info = r
+        .commit(&assemble(3, &epoch(3, &[], true)), |_| [0; 32])
+        .unwrap();
+    assert!(info.disk_synced);
+    assert_eq!(info.disk_blocks, 0);
     assert_eq!(block(&f, 7), vec![0x77; BLOCK]);
-    assert_eq!(r.committed_epoch(), 2);
+    assert_eq!(r.committed_epoch(), 3);
 }
 
 #[test]
