@@ -108,24 +108,8 @@ fn a_flood_of_zero_and_unchanged_entries_stays_within_the_memory_bound() {
     let backup = {
         let committed = committed.clone();
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .unwrap();
-            let mut backup = Backup::new(
-                cfg,
-                Box::new(|shape| {
-                    Ok(Arc::new(Vm::new(
-                        &VmConfig {
-                            vcpus: shape.vcpus,
-                            mem_bytes: shape.memory_end(),
-                            ..VmConfig::default()
-                        },
-                        Arc::new(NullSink),
-                    )?))
-                }),
-            );
+            let rt = common::backup_runtime();
+            let mut backup = Backup::new(cfg, common::plain_replica());
             backup.set_commit_log(Box::new(move |e| committed.store(e, Ordering::SeqCst)));
             let lost = rt.block_on(backup.guard(&listener, |_, _| {}));
             (lost.to_string(), Instant::now(), backup.committed_epoch())

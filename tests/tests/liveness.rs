@@ -15,7 +15,7 @@ use castor_replicator::backup::{Backup, BackupConfig, GuardEvent};
 use castor_replicator::primary::{Primary, PrimaryConfig, Release};
 use castor_replicator::transport::{self, TransportConfig};
 use castor_tests::require_kvm;
-use castor_vmm::{DirtierParams, GuestBoot, NullSink, Vm, VmConfig, Workload};
+use castor_vmm::{DirtierParams, GuestBoot, Vm, VmConfig, Workload};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -44,27 +44,14 @@ fn paired() -> Paired {
     let backup = {
         let (committed, ends) = (committed.clone(), ends.clone());
         std::thread::spawn(move || {
-            let rt2 = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .unwrap();
+            let rt2 = common::backup_runtime();
             let mut backup = Backup::new(
                 BackupConfig {
                     peer_timeout: Duration::from_secs(2),
                     handshake_timeout: Duration::from_millis(200),
                     ..Default::default()
                 },
-                Box::new(|shape| {
-                    Ok(Arc::new(Vm::new(
-                        &VmConfig {
-                            vcpus: shape.vcpus,
-                            mem_bytes: shape.memory_end(),
-                            ..VmConfig::default()
-                        },
-                        Arc::new(NullSink),
-                    )?))
-                }),
+                common::plain_replica(),
             );
             backup.set_commit_log(Box::new(move |e| committed.store(e, Ordering::SeqCst)));
             let lost = rt2.block_on(backup.guard(&listener, |_, ev| {

@@ -12,7 +12,7 @@ use castor_replicator::backup::{Backup, BackupConfig, SessionEnd};
 use castor_replicator::primary::{Primary, PrimaryConfig, Release};
 use castor_replicator::transport::{self, TransportConfig};
 use castor_tests::require_kvm;
-use castor_vmm::{DirtierParams, GuestBoot, NullSink, Pattern, Vm, VmConfig, Workload};
+use castor_vmm::{DirtierParams, GuestBoot, Pattern, Vm, VmConfig, Workload};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -55,26 +55,13 @@ fn output_stuck_between_ack_and_write_is_reemitted_by_the_takeover() {
     let backup = {
         let committed = committed.clone();
         std::thread::spawn(move || {
-            let rt2 = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .unwrap();
+            let rt2 = common::backup_runtime();
             let mut backup = Backup::new(
                 BackupConfig {
                     peer_timeout: Duration::from_secs(5),
                     ..Default::default()
                 },
-                Box::new(|shape| {
-                    Ok(Arc::new(Vm::new(
-                        &VmConfig {
-                            vcpus: shape.vcpus,
-                            mem_bytes: shape.memory_end(),
-                            ..VmConfig::default()
-                        },
-                        Arc::new(NullSink),
-                    )?))
-                }),
+                common::plain_replica(),
             );
             backup.set_commit_log(Box::new(move |e| committed.store(e, Ordering::SeqCst)));
             let conn = rt2.block_on(listener.accept()).unwrap();

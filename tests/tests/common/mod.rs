@@ -39,3 +39,29 @@ pub fn loopback(workers: usize) -> (Loopback, Listener) {
     let addr = listener.local_addr().unwrap();
     (Loopback { rt, pid, bid, addr }, listener)
 }
+
+/// A backup's replica factory for the record guest: a plain VM of the shape
+/// the primary announces (no devices).
+#[allow(dead_code)] // not every test binary that includes this module uses it
+pub fn plain_replica() -> Box<castor_replicator::backup::VmFactory> {
+    Box::new(|shape| {
+        Ok(std::sync::Arc::new(castor_vmm::Vm::new(
+            &castor_vmm::VmConfig {
+                vcpus: shape.vcpus,
+                mem_bytes: shape.memory_end(),
+                ..castor_vmm::VmConfig::default()
+            },
+            std::sync::Arc::new(castor_vmm::NullSink),
+        )?))
+    })
+}
+
+/// The backup thread's own runtime (one worker: a backup's session loop).
+#[allow(dead_code)]
+pub fn backup_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
