@@ -153,3 +153,17 @@ pub fn check_contiguous(records: &[Record], vcpus: u32, record_every: u64) -> Re
     }
     Ok(())
 }
+
+/// The last `lines` lines of each daemon log `DIR/NAME.log` that exists,
+/// each under a heading: what a failing process-level test prints.
+pub fn log_tails(dir: &std::path::Path, names: &[&str], lines: usize) -> String {
+    let mut s = String::new();
+    for n in names {
+        if let Ok(t) = std::fs::read_to_string(dir.join(format!("{n}.log"))) {
+            let all: Vec<&str> = t.lines().collect();
+            let tail = &all[all.len().saturating_sub(lines)..];
+            s.push_str(&format!("--- {n}.log (tail) ---\n{}\n", tail.join("\n")));
+        }
+    }
+    s
+}

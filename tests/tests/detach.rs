@@ -24,15 +24,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn logs(c: &Cluster) -> String {
-    let mut s = String::new();
-    for n in ["primary", "backup", "backup2"] {
-        if let Ok(t) = std::fs::read_to_string(c.dir.join(format!("{n}.log"))) {
-            let lines: Vec<&str> = t.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(15)..];
-            s.push_str(&format!("--- {n}.log (tail) ---\n{}\n", tail.join("\n")));
-        }
-    }
-    s
+    castor_tests::log_tails(&c.dir, &["primary", "backup", "backup2"], 15)
 }
 
 fn log_of(c: &Cluster, name: &str) -> String {

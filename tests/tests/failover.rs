@@ -64,15 +64,7 @@ fn start(c: &Cluster, backup: bool) -> Daemon {
 }
 
 fn logs(c: &Cluster) -> String {
-    let mut s = String::new();
-    for n in ["primary", "backup", "backup2"] {
-        if let Ok(t) = std::fs::read_to_string(c.dir.join(format!("{n}.log"))) {
-            let lines: Vec<&str> = t.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(15)..];
-            s.push_str(&format!("--- {n}.log (tail) ---\n{}\n", tail.join("\n")));
-        }
-    }
-    s
+    castor_tests::log_tails(&c.dir, &["primary", "backup", "backup2"], 15)
 }
 
 fn verdict(c: &Cluster, log: &[Datagram], failovers: usize, with_commit_log: bool) -> Verdict {
