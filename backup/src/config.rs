@@ -279,12 +279,9 @@ impl Config {
             reprotect: reprotect(&f.takeover, &v, heartbeat, peer_timeout)?,
             net,
             disk: match &f.disk {
-                Some(d) if d.read_only => {
-                    return Err(v.invalid(
-                        "disk.read_only",
-                        "the backup writes each committed epoch's blocks to its image: remove read_only",
-                    ))
-                }
+                // read_only: the guest sees the disk read-only (as on the
+                // primary: the pair must agree); the replica still writes
+                // the primary's content to this image.
                 Some(d) => Some(d.resolve(&v)?),
                 None => None,
             },
@@ -421,11 +418,6 @@ mod tests {
         assert_eq!(
             field(at("[disk]\npath = \"replica.img\"\n").unwrap_err()),
             "disk.path"
-        );
-        // The backup writes its image.
-        assert_eq!(
-            field(at("[disk]\npath = \"replica.img\"\nread_only = true\n").unwrap_err()),
-            "disk.read_only"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

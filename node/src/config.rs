@@ -204,8 +204,9 @@ fn default_held() -> String {
 pub struct DiskSection {
     /// Raw image file (relative to the config file's directory). Required.
     pub path: PathBuf,
-    /// Open read-only (primary: the guest's writes fail; nothing is
-    /// replicated). Default false.
+    /// The guest sees the disk read-only (its writes fail): the image is
+    /// still copied to the backup at each new session, and both daemons
+    /// must say the same. Default false.
     #[serde(default)]
     pub read_only: bool,
     /// When `path` does not exist, create it as a sparse image of this size

@@ -25,6 +25,8 @@
 //!   first takeover the backup re-protects the guest to a second backup
 //!   (full disk sync under writes); killing it, the second backup takes
 //!   over on its own image and the guest reads every block back there.
+//! - `read_only_disk_is_copied_to_the_backup`: processes; a read-only disk
+//!   under a dirtier guest is synchronised to the backup's image once.
 //! - `wrong_size_backup_image_is_refused_at_hello`: processes; the backup's
 //!   image is half the primary's: refused at Hello with the size and the
 //!   `truncate` command, nothing committed or released.
@@ -612,4 +614,55 @@ fn reprotection_syncs_the_disk_to_a_new_backup() {
     assert!(v.ok(), "{v}\n{}", logs(&c));
     let written = check_image_blocks(&c.dir.join("backup2.img")).unwrap_or_else(|e| panic!("{e}"));
     eprintln!("backup 2's image: {written} written blocks, all whole");
+}
+
+/// A read-only disk (the dirtier guest, which does not touch it) is copied
+/// to the backup's image by the initial synchronisation: byte for byte.
+#[test]
+fn read_only_disk_is_copied_to_the_backup() {
+    require_kvm();
+    let _serial = serial();
+    let obs = Observer::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .unwrap_or_else(|e| panic!("observer: {e}"));
+    let spec = Spec {
+        epoch_ms: 10,
+        ..Spec::default()
+    };
+    let c = Cluster::prepare(&castor_exe(), None, spec, obs.addr())
+        .unwrap_or_else(|e| panic!("cluster: {e}"));
+    let size = 4u64 << 20;
+    let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(c.dir.join("primary.img"), &data[..size as usize / 2]).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(c.dir.join("primary.img"))
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    make_image(&c.dir.join("backup.img"), size);
+    for (cfg, img) in [
+        (c.primary_config(), "primary.img"),
+        (c.backup_config(), "backup.img"),
+    ] {
+        let t = std::fs::read_to_string(&cfg).unwrap();
+        std::fs::write(
+            &cfg,
+            format!("{t}\n[disk]\npath = \"{img}\"\nread_only = true\n"),
+        )
+        .unwrap();
+    }
+    let mut backup = start(&c, true);
+    let mut primary = start(&c, false);
+    let protected = obs.wait_until(Duration::from_secs(60), |l| l.len() >= 20);
+    primary.kill();
+    backup.kill();
+    assert!(protected, "no protected output\n{}", logs(&c));
+    let (p, b) = (
+        std::fs::read(c.dir.join("primary.img")).unwrap(),
+        std::fs::read(c.dir.join("backup.img")).unwrap(),
+    );
+    assert!(
+        p == b,
+        "the backup's image differs from the read-only primary image"
+    );
 }

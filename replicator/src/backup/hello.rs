@@ -149,7 +149,7 @@ impl Backup {
             if let Some(disk) = m.vm.devices().disk() {
                 // The replica VM's disk is this host's image: blocks are
                 // written there at commit, through a handle of its own.
-                let file = disk.file().map_err(BackupError::DiskImage)?;
+                let file = disk.writer().map_err(BackupError::DiskImage)?;
                 replica.set_disk(crate::disk::ReplicaDisk::new(file, disk.capacity_bytes()));
             }
             self.replica = Some(replica);

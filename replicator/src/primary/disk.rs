@@ -31,10 +31,10 @@ pub(super) struct DiskSide {
 }
 
 impl DiskSide {
-    /// The disk of a VM whose virtio-blk device logs into `tracker`;
-    /// `None` for a read-only disk (nothing to replicate).
+    /// The disk of a VM whose virtio-blk device logs into `tracker` (a
+    /// read-only disk is synchronised once per session and never written).
     pub(super) fn new(tracker: Option<Arc<DiskTracker>>) -> Option<Self> {
-        let tracker = tracker.filter(|t| !t.read_only())?;
+        let tracker = tracker?;
         Some(DiskSide {
             tracker,
             unacked: VecDeque::new(),

@@ -138,9 +138,22 @@ impl DiskTracker {
         self.capacity_bytes.div_ceil(DISK_BLOCK)
     }
 
-    /// A handle on the image (for a replica to write through).
+    /// A handle on the image (the device's: read-only for a read-only disk).
     pub fn file(&self) -> std::io::Result<File> {
         self.file.try_clone()
+    }
+
+    /// A handle on the image opened for writing (a replica writes the
+    /// guest's blocks through it, also for a disk the guest sees read-only).
+    pub fn writer(&self) -> std::io::Result<File> {
+        if !self.read_only {
+            return self.file.try_clone();
+        }
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.file);
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/self/fd/{fd}"))
     }
 
     /// Marks the blocks of the byte range `start..end` written. Call after
@@ -288,10 +301,8 @@ mod tests {
     use super::*;
 
     fn tracker(blocks: u64) -> (DiskTracker, std::path::PathBuf) {
-        let path = std::env::temp_dir().join(format!(
-            "castor-track-{}-{blocks}.img",
-            std::process::id()
-        ));
+        let path =
+            std::env::temp_dir().join(format!("castor-track-{}-{blocks}.img", std::process::id()));
         let f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(true)
