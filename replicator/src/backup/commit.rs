@@ -105,7 +105,10 @@ impl Backup {
                 }
             }
             let t = Instant::now();
-            let info = match replica.commit(&asm, memory_digest) {
+            // Decoding, the dry run and the apply are CPU work: off the
+            // runtime's worker, so heartbeats and the readers' arrival
+            // stamps keep flowing during a long commit (a resync epoch).
+            let info = match off_the_runtime(|| replica.commit(&asm, memory_digest)) {
                 Ok(info) => info,
                 Err(e @ CheckpointError::MemoryMismatch { .. }) => {
                     self.status.verify_failures.fetch_add(1, Ordering::Relaxed);
@@ -139,4 +142,13 @@ pub(crate) fn largest_epoch_bytes(limits: &wire::Limits) -> usize {
     pages
         .saturating_mul(wire::PAGE_SIZE + wire::PAGE_ENTRY_OVERHEAD)
         .saturating_add(64 << 20)
+}
+
+/// Runs `f` on this thread with the runtime's other tasks moved to another
+/// worker (`block_in_place`), where the runtime allows it.
+fn off_the_runtime<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
 }
