@@ -152,9 +152,16 @@ done
 echo "castor linux guest: kernel $kver" >"$root/www/index.html"
 cat >"$root/bin/counter" <<'EOF'
 #!/bin/busybox sh
-# One number per line, forever: what the built-in guest's counter serves.
+# 8-byte big-endian numbers 1, 2, 3, ... forever, 100 a second: what the
+# built-in guest's counter serves, so `castor drill` and `castor demo`
+# read a Linux guest's stream unchanged.
 i=0
-while :; do i=$((i + 1)); echo "$i"; usleep 10000; done
+while :; do
+    i=$((i + 1))
+    printf "$(printf '\\%03o' $(((i >> 56) & 255)) $(((i >> 48) & 255)) $(((i >> 40) & 255)) \
+        $(((i >> 32) & 255)) $(((i >> 24) & 255)) $(((i >> 16) & 255)) $(((i >> 8) & 255)) $((i & 255)))"
+    usleep 10000
+done
 EOF
 cat >"$root/init" <<'EOF'
 #!/bin/busybox sh

@@ -210,13 +210,26 @@ pub fn drill(a: &DrillArgs) -> Result<(), String> {
     observe::install_interrupt_handler();
     let p = castor_primary::Config::load(&a.primary_config).map_err(|e| e.to_string())?;
     let b = castor_backup::Config::load(&a.backup_config).map_err(|e| e.to_string())?;
-    let report = match &p.boot.workload {
-        castor_vmm::Workload::Net(n) => {
-            let addr = SocketAddr::from((n.ip, n.port));
-            net_drill(a, &p, &b, addr)?
-        }
-        _ => record_drill(a, &p, &b)?,
-    };
+    let report =
+        match (&p.linux, &p.boot.workload) {
+            // A Linux guest with a network device: the guest kit's init serves
+            // the same counter on port 7000, at the address of `castor.ip=` on
+            // its command line (default 10.0.0.2).
+            (Some(l), _) if p.net.is_some() => {
+                let addr = SocketAddr::from((linux_guest_ip(&l.cmdline)?, 7000));
+                net_drill(a, &p, &b, addr)?
+            }
+            (Some(_), _) => return Err(
+                "a drill of a Linux guest observes its TCP counter (port 7000 of the guest kit): \
+                 give the guest a [net] section"
+                    .into(),
+            ),
+            (None, castor_vmm::Workload::Net(n)) => {
+                let addr = SocketAddr::from((n.ip, n.port));
+                net_drill(a, &p, &b, addr)?
+            }
+            (None, _) => record_drill(a, &p, &b)?,
+        };
     if a.json {
         println!(
             "{}",
@@ -232,6 +245,22 @@ pub fn drill(a: &DrillArgs) -> Result<(), String> {
         Ok(())
     } else {
         Err("the one-history invariant is violated".into())
+    }
+}
+
+/// The address a kit guest takes: `castor.ip=A.B.C.D/P` on its command
+/// line, else the kit's default 10.0.0.2.
+fn linux_guest_ip(cmdline: &str) -> Result<std::net::Ipv4Addr, String> {
+    match cmdline
+        .split_whitespace()
+        .find_map(|a| a.strip_prefix("castor.ip="))
+    {
+        None => Ok(std::net::Ipv4Addr::new(10, 0, 0, 2)),
+        Some(v) => castor_primary::config::parse_cidr(v)
+            .map(|(ip, _)| ip.into())
+            .ok_or_else(|| {
+                format!("castor.ip={v} on the guest's command line: use ADDRESS/PREFIX")
+            }),
     }
 }
 
@@ -462,4 +491,22 @@ fn record_drill(
         print!("{verdict}");
     }
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::linux_guest_ip;
+
+    #[test]
+    fn a_kit_guests_address_comes_from_its_command_line() {
+        assert_eq!(
+            linux_guest_ip("console=ttyS0 castor.ip=10.9.8.7/16 quiet"),
+            Ok(std::net::Ipv4Addr::new(10, 9, 8, 7))
+        );
+        assert_eq!(
+            linux_guest_ip("console=ttyS0"),
+            Ok(std::net::Ipv4Addr::new(10, 0, 0, 2))
+        );
+        assert!(linux_guest_ip("castor.ip=10.0.0.300/24").is_err());
+    }
 }
