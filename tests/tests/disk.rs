@@ -27,6 +27,8 @@
 //!   over on its own image and the guest reads every block back there.
 //! - `read_only_disk_is_copied_to_the_backup`: processes; a read-only disk
 //!   under a dirtier guest is synchronised to the backup's image once.
+//! - `net_workload_exercises_a_disk`: the network workload, given a disk,
+//!   writes and verifies numbered blocks between its polls.
 //! - `wrong_size_backup_image_is_refused_at_hello`: processes; the backup's
 //!   image is half the primary's: refused at Hello with the size and the
 //!   `truncate` command, nothing committed or released.
@@ -665,4 +667,67 @@ fn read_only_disk_is_copied_to_the_backup() {
         p == b,
         "the backup's image differs from the read-only primary image"
     );
+}
+
+/// The network workload, given a disk, runs the disk workload's writes,
+/// flushes and read-backs between its polls (200 a second).
+#[test]
+fn net_workload_exercises_a_disk() {
+    require_kvm();
+    let _serial = serial();
+    let dir = std::env::temp_dir().join(format!("castor-net-disk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("net.img");
+    make_image(&img, 1 << 20);
+    let tap = castor_vmm::devices::Tap::open(&format!("cnd{}", std::process::id() % 100_000))
+        .expect("creating a tap needs root");
+    let vm = Vm::new(
+        &VmConfig {
+            vcpus: 1,
+            mem_bytes: 64 << 20,
+            ..VmConfig::default()
+        },
+        Arc::new(NullSink),
+    )
+    .unwrap();
+    vm.devices()
+        .add_virtio_net(castor_vmm::devices::VirtioNet::new(
+            castor_vmm::devices::NetConfig {
+                tap: Arc::new(tap),
+                mac: castor_vmm::NetParams::default().mac,
+                tx_sink: None,
+            },
+        ))
+        .unwrap();
+    vm.devices()
+        .add_virtio_blk(
+            VirtioBlk::open(&BlkConfig {
+                path: img.clone(),
+                read_only: false,
+            })
+            .unwrap(),
+        )
+        .unwrap();
+    vm.boot(&GuestBoot {
+        workload: Workload::Net(castor_vmm::NetParams::default()),
+        seed: 9,
+    })
+    .unwrap();
+    vm.resume();
+    // 200 operations a second over 256 blocks: a whole pass of read-backs
+    // in ~1.3 s; wait for most blocks to be written (a deadline, not a bound).
+    let t = Instant::now();
+    let mut written = 0;
+    while t.elapsed() < Duration::from_secs(30) && written < 128 {
+        std::thread::sleep(Duration::from_millis(200));
+        written = check_image_blocks(&img).unwrap_or_else(|e| panic!("{e}"));
+    }
+    let states = vm.vcpu_states();
+    vm.pause();
+    assert!(
+        matches!(states.first(), Some(castor_vmm::VcpuRunState::Running)),
+        "the net guest stopped: {states:?}"
+    );
+    assert!(written >= 128, "only {written} blocks written in 30 s");
+    let _ = std::fs::remove_dir_all(&dir);
 }

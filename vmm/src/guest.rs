@@ -182,8 +182,13 @@ impl NetParams {
                 gateway: self.gateway.unwrap_or([0; 4]),
                 port: self.port as u32,
                 rate: self.rate,
-                disk_blocks: 0,
-                disk_continuous: 0,
+                // Given a disk, the net workload also writes, flushes and
+                // verifies numbered blocks (up to 1 GiB of it).
+                disk_blocks: bus.disk().filter(|d| !d.read_only()).map_or(0, |d| {
+                    (d.capacity_bytes() / castor_guest_abi::DISK_BLOCK_BYTES)
+                        .min(castor_guest_abi::MAX_CONTINUOUS_DISK_BLOCKS)
+                }),
+                disk_continuous: u64::from(bus.disk().is_some_and(|d| !d.read_only())),
                 disk_ops: 0,
             },
         )

@@ -105,45 +105,72 @@ pub fn sequential(blk: &mut Blk, info: &BootInfo, cfg: &DeviceConfig) -> ! {
     }
 }
 
-pub fn run(blk: &mut Blk, info: &BootInfo, cfg: &DeviceConfig) -> ! {
-    let spb = DISK_BLOCK_BYTES / 512;
-    let n = cfg.disk_blocks;
-    let bs = DISK_BLOCK_BYTES as usize;
-    // SAFETY: reserved guest RAM (see mem.rs), not aliased.
-    let data = unsafe { crate::mem::slice(BLK_DATA, bs) };
-    // SAFETY: as above.
-    let expect = unsafe { crate::mem::slice(BLK_EXPECT, bs) };
-    let rounds = BLK_ROUNDS as *mut u32;
-    let mut rng = info.seed ^ 0x5eed_d15c;
-    let mut seq: u64 = 0;
-    let mut ops: u64 = 0;
-    let mut verified: u64 = 0;
-    let mut vptr: u64 = 0;
-    let tsc_hz = info.tsc_khz.max(1) * 1000;
-    let ticks_per_op = tsc_hz.checked_div(cfg.rate).unwrap_or(0);
-    let mut deadline = rt::rdtsc();
-    loop {
-        // Write the next round of a random block.
-        let b = splitmix(&mut rng) % n;
+/// One block found not to be what the guest wrote there.
+pub struct Mismatch {
+    pub block: u64,
+    /// The round the block holds (`u64::MAX`: not a well-formed block).
+    pub found: u64,
+    pub want: u64,
+}
+
+/// The write / flush / read-back state machine, one operation per
+/// [`Soak::step`] (the disk workload loops on it; the net workload, given a
+/// disk, steps it between polls).
+pub struct Soak {
+    seed: u64,
+    n: u64,
+    rng: u64,
+    pub ops: u64,
+    pub verified: u64,
+    vptr: u64,
+}
+
+impl Soak {
+    pub fn new(info: &BootInfo, blocks: u64) -> Self {
+        Soak {
+            seed: info.seed,
+            n: blocks,
+            rng: info.seed ^ 0x5eed_d15c,
+            ops: 0,
+            verified: 0,
+            vptr: 0,
+        }
+    }
+
+    /// Whether the read-backs just completed a whole pass.
+    pub fn at_pass_start(&self) -> bool {
+        self.vptr == 0
+    }
+
+    /// Writes the next round of a random block (a flush every 8 writes),
+    /// then reads back the next block in turn and checks it.
+    pub fn step(&mut self, blk: &mut Blk) -> Result<(), Mismatch> {
+        let spb = DISK_BLOCK_BYTES / 512;
+        let bs = DISK_BLOCK_BYTES as usize;
+        // SAFETY: reserved guest RAM (see mem.rs), not aliased.
+        let data = unsafe { crate::mem::slice(BLK_DATA, bs) };
+        // SAFETY: as above.
+        let expect = unsafe { crate::mem::slice(BLK_EXPECT, bs) };
+        let rounds = BLK_ROUNDS as *mut u32;
+        let b = splitmix(&mut self.rng) % self.n;
         // SAFETY: b < n <= MAX_CONTINUOUS_DISK_BLOCKS: inside the table.
         let r = unsafe { read_volatile(rounds.add(b as usize)) } as u64 + 1;
-        disk_block(info.seed, b, r, data);
+        disk_block(self.seed, b, r, data);
         let (st, _) = blk.request(T_OUT, b * spb, bs as u32);
         if st != 0 {
             panic!("write of block {} failed: status {}", b, st);
         }
         // SAFETY: as above.
         unsafe { write_volatile(rounds.add(b as usize), r as u32) };
-        ops += 1;
-        if ops.is_multiple_of(8) {
+        self.ops += 1;
+        if self.ops.is_multiple_of(8) {
             let (st, _) = blk.request(T_FLUSH, 0, 0);
             if st != 0 {
                 panic!("flush failed: status {}", st);
             }
         }
-        // Read back the next block in turn and check it.
-        let v = vptr;
-        vptr = (vptr + 1) % n;
+        let v = self.vptr;
+        self.vptr = (self.vptr + 1) % self.n;
         data.fill(0xa5);
         let (st, len) = blk.request(T_IN, v * spb, bs as u32);
         if st != 0 || len != bs as u32 + 1 {
@@ -151,27 +178,46 @@ pub fn run(blk: &mut Blk, info: &BootInfo, cfg: &DeviceConfig) -> ! {
         }
         // SAFETY: v < n: inside the table.
         let want = unsafe { read_volatile(rounds.add(v as usize)) } as u64;
-        disk_block(info.seed, v, want, expect);
+        disk_block(self.seed, v, want, expect);
         if data[..] != expect[..] {
             let found = match parse_disk_block(data) {
                 Some((_, round)) => round,
                 None => u64::MAX,
             };
+            return Err(Mismatch {
+                block: v,
+                found,
+                want,
+            });
+        }
+        self.verified += 1;
+        Ok(())
+    }
+}
+
+pub fn run(blk: &mut Blk, info: &BootInfo, cfg: &DeviceConfig) -> ! {
+    let mut soak = Soak::new(info, cfg.disk_blocks);
+    let mut seq: u64 = 0;
+    let tsc_hz = info.tsc_khz.max(1) * 1000;
+    let ticks_per_op = tsc_hz.checked_div(cfg.rate).unwrap_or(0);
+    let mut deadline = rt::rdtsc();
+    loop {
+        if let Err(m) = soak.step(blk) {
             seq += 1;
             emit(Record {
                 vcpu: 0,
                 _reserved: 1,
                 seq,
-                iterations: v,
-                checksum: found,
+                iterations: m.block,
+                checksum: m.found,
             });
             panic!(
                 "disk block {} reads back round {}, expected round {}",
-                v, found, want
+                m.block, m.found, m.want
             );
         }
-        verified += 1;
-        if cfg.disk_ops != 0 && ops >= cfg.disk_ops && vptr == 0 {
+        let (ops, verified) = (soak.ops, soak.verified);
+        if cfg.disk_ops != 0 && ops >= cfg.disk_ops && soak.at_pass_start() {
             // Done, after a last whole pass of read-backs: report and stop.
             seq += 1;
             emit(Record {

@@ -6,6 +6,11 @@
 //!   takes them); input is discarded;
 //! * echo on `port + 1`: sends back everything it receives.
 //!
+//! Given a disk (`blk_mmio`, `disk_blocks`), it also runs the continuous disk
+//! workload's operations (`disk_soak::Soak`), 200 a second between polls; a
+//! block that reads back wrong panics the guest (the VMM reports the text,
+//! the services stop).
+//!
 //! The loop: poll smoltcp, run the services, then one kick of the device
 //! (QueueNotify: TX if we queued frames, else RX as an idle poll). The VMM
 //! sends our frames and moves waiting RX frames into our buffers within that
@@ -264,6 +269,16 @@ pub fn run(vcpu: u64, info: &BootInfo, cfg: &DeviceConfig) -> ! {
     let port = cfg.port as u16;
     let rate = cfg.rate;
     let mut scratch = [0u8; 4096];
+    let mut disk = if cfg.blk_mmio != 0 && cfg.disk_blocks != 0 {
+        Some((
+            crate::disk::Blk::new(cfg.blk_mmio),
+            crate::disk_soak::Soak::new(info, cfg.disk_blocks),
+        ))
+    } else {
+        None
+    };
+    let disk_ticks = info.tsc_khz.max(1) * 1000 / 200;
+    let mut disk_next = rt::rdtsc();
 
     loop {
         let now = clock.now();
@@ -320,6 +335,18 @@ pub fn run(vcpu: u64, info: &BootInfo, cfg: &DeviceConfig) -> ! {
             }
             if !s.may_recv() && s.state() == tcp::State::CloseWait {
                 s.close();
+            }
+        }
+        if let Some((blk, soak)) = disk.as_mut() {
+            let t = rt::rdtsc();
+            if t >= disk_next {
+                disk_next = t + disk_ticks;
+                if let Err(m) = soak.step(blk) {
+                    panic!(
+                        "disk block {} reads back round {}, expected round {}",
+                        m.block, m.found, m.want
+                    );
+                }
             }
         }
         iface.poll(clock.now(), &mut dev, &mut sockets);
