@@ -29,6 +29,9 @@
 //!   under a dirtier guest is synchronised to the backup's image once.
 //! - `net_workload_exercises_a_disk`: the network workload, given a disk,
 //!   writes and verifies numbered blocks between its polls.
+//! - `kill_during_the_initial_disk_sync_takes_nothing_over`: processes; the
+//!   primary dies while its image is being copied: the backup, which has
+//!   committed nothing, does not take over and nothing is released.
 //! - `wrong_size_backup_image_is_refused_at_hello`: processes; the backup's
 //!   image is half the primary's: refused at Hello with the size and the
 //!   `truncate` command, nothing committed or released.
@@ -48,6 +51,7 @@ use castor_vmm::devices::{BlkConfig, VirtioBlk};
 use castor_vmm::{DiskParams, GuestBoot, NullSink, StopReason, Vm, VmConfig, Workload};
 use rand::Rng;
 use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -730,4 +734,77 @@ fn net_workload_exercises_a_disk() {
     );
     assert!(written >= 128, "only {written} blocks written in 30 s");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// SIGKILL of the primary in the middle of the disk's initial
+/// synchronisation: the backup has no committed checkpoint (pre-copy blocks
+/// are not one), so it takes nothing over and nothing was released.
+#[test]
+fn kill_during_the_initial_disk_sync_takes_nothing_over() {
+    require_kvm();
+    let _serial = serial();
+    let obs = Observer::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .unwrap_or_else(|e| panic!("observer: {e}"));
+    let size = 256u64 << 20;
+    let c = disk_cluster(&obs, size, size, 500);
+    {
+        // Incompressible data in the first half: the copy takes a while.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(c.dir.join("primary.img"))
+            .unwrap();
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut chunk = vec![0u8; 1 << 20];
+        for off in (0..size / 2).step_by(1 << 20) {
+            for w in chunk.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                w.copy_from_slice(&x.to_le_bytes());
+            }
+            f.write_all_at(&chunk, off).unwrap();
+        }
+    }
+    let mut backup = start(&c, true);
+    let mut primary = start(&c, false);
+    let log_has = |name: &str, s: &str| {
+        std::fs::read_to_string(c.dir.join(format!("{name}.log")))
+            .unwrap_or_default()
+            .contains(s)
+    };
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(60) && !log_has("backup", "new replication session") {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        log_has("backup", "new replication session"),
+        "no session\n{}",
+        logs(&c)
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    let synced_already = log_has("primary", "disk pre-copy: 256 MiB");
+    primary.kill();
+    // Well past the backup's timeout.
+    std::thread::sleep(Duration::from_secs(1));
+    backup
+        .check_alive()
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(&c)));
+    backup.kill();
+    let committed = CommitLog::load(&c.commit_log())
+        .map(|l| l.commits.len())
+        .unwrap_or(0);
+    let log = obs.finish();
+    if synced_already || committed > 0 {
+        eprintln!("the kill came after the disk copy (the host was fast): nothing to check");
+        return;
+    }
+    assert!(
+        !log_has("backup", "TAKEOVER"),
+        "the backup took over without a committed checkpoint\n{}",
+        logs(&c)
+    );
+    assert!(
+        log.is_empty(),
+        "output released before anything was committed"
+    );
 }

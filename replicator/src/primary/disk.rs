@@ -155,6 +155,7 @@ impl Primary {
             self.status
                 .disk_sync_blocks
                 .store(first, std::sync::atomic::Ordering::Relaxed);
+            metrics::gauge!("castor_disk_sync_progress").set(first as f64 / total.max(1) as f64);
             if last_log.elapsed().as_secs() >= 1 {
                 last_log = Instant::now();
                 log::info!(
