@@ -177,7 +177,8 @@ const MAX_FRAME: usize = 1 << 20;
 /// Encodes `blocks` (ascending, content in `data`, 4 KiB each) as
 /// `DiskBatch` frames of `epoch` appended to `out`, counted in `tally`;
 /// `flushed` sets the flush flag (an epoch that flushed without writing
-/// still sends one empty frame). Adjacent zero blocks become one zero run.
+/// still sends one empty frame; one that did neither sends nothing).
+/// Adjacent zero blocks become one zero run.
 pub fn encode_blocks(
     epoch: u64,
     blocks: &[u64],
@@ -188,6 +189,9 @@ pub fn encode_blocks(
 ) -> Result<DiskEncoded, DiskError> {
     let start = out.len();
     let mut enc = DiskEncoded::default();
+    if blocks.is_empty() && !flushed {
+        return Ok(enc);
+    }
     let flags = if flushed { DISK_FLAG_FLUSH } else { 0 };
     let mut lz4 = vec![0u8; lz4_flex::block::get_maximum_output_size(BLOCK)];
     // After 8 blocks in a row that LZ4 could not shrink (encrypted,
