@@ -17,6 +17,8 @@ pub mod backup;
 pub mod checkpoint;
 pub mod codec;
 pub mod disk;
+#[cfg(feature = "fault-injection")]
+mod disk_digest;
 pub mod manifest;
 pub mod primary;
 pub mod transport;

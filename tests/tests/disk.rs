@@ -10,10 +10,13 @@
 //! - `primary_sigkill_keeps_the_disk_consistent`: real `castor primary` /
 //!   `castor backup` processes; the primary is SIGKILLed at a random instant,
 //!   the backup takes over on its own image and the guest finishes a full
-//!   pass of read-backs there without a mismatch (so the backup's image
-//!   equals, block for block, what the committed checkpoint's memory says
-//!   the primary's image held); the released records keep one history; every
-//!   block of the backup's image is one the guest wrote whole (or zero).
+//!   pass of read-backs there without a mismatch (the backup's image holds
+//!   what the committed checkpoint's memory says was written); the backup's
+//!   image at the takeover equals, byte for byte, the primary's image as of
+//!   the committed epoch (test hook `CASTOR_TEST_DISK_DIGESTS`, feature
+//!   `fault-injection`: digests of the primary's image at every pause and of
+//!   the backup's at its takeover); the released records keep one history;
+//!   every block of the backup's image is one the guest wrote whole (or zero).
 //!   `CASTOR_DISK_KILLS=N` sets the number of kills (default 3; the long run
 //!   is `CASTOR_DISK_KILLS=25 cargo test --release -p castor-tests --test
 //!   disk primary_sigkill`).
@@ -169,8 +172,19 @@ fn kill_run(delay: Duration) -> (u64, u64) {
     let obs = Observer::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
         .unwrap_or_else(|e| panic!("observer: {e}"));
     let c = disk_cluster(&obs, BLOCKS * BS as u64, BLOCKS * BS as u64, 2000);
-    let mut backup = start(&c, true);
-    let mut primary = start(&c, false);
+    // Test hook (feature fault-injection): the primary's image digest at
+    // every pause, the backup's at its takeover.
+    let digests = c.dir.join("digests.log");
+    let env = [(
+        "CASTOR_TEST_DISK_DIGESTS",
+        digests.to_str().unwrap_or_default(),
+    )];
+    let mut backup = c
+        .spawn_with_env("backup", "backup", &c.backup_config(), &env)
+        .unwrap_or_else(|e| panic!("start: {e}"));
+    let mut primary = c
+        .spawn_with_env("primary", "primary", &c.primary_config(), &env)
+        .unwrap_or_else(|e| panic!("start: {e}"));
     // Writes under protection first (a deadline for a stuck start only).
     let started = obs.wait_until(Duration::from_secs(60), |l| l.len() >= 8);
     assert!(started, "no protected output within 60 s\n{}", logs(&c));
@@ -221,6 +235,32 @@ fn kill_run(delay: Duration) -> (u64, u64) {
         },
     );
     assert!(v.ok(), "one-history invariant violated:\n{v}\n{}", logs(&c));
+    // Byte for byte: the backup's image at the takeover is the primary's
+    // image as of the committed epoch.
+    let text = std::fs::read_to_string(&digests).unwrap_or_default();
+    let entry = |what: &str| -> Vec<(u64, String)> {
+        text.lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                (f.next() == Some(what)).then_some(())?;
+                Some((f.next()?.parse().ok()?, f.next()?.to_string()))
+            })
+            .collect()
+    };
+    let takeover = entry("takeover");
+    let [(epoch, digest)] = &takeover[..] else {
+        panic!(
+            "expected one takeover digest, got {takeover:?}\n{}",
+            logs(&c)
+        );
+    };
+    let primary_at = entry("primary");
+    let want = primary_at.iter().find(|(e, _)| e == epoch);
+    assert_eq!(
+        want.map(|(_, d)| d),
+        Some(digest),
+        "the backup's image at its takeover from epoch {epoch} differs from the primary's image of that epoch"
+    );
     let written = check_image_blocks(&c.dir.join("backup.img")).unwrap_or_else(|e| panic!("{e}"));
     let committed = cl
         .map(|l| l.commits.keys().copied().max().unwrap_or(0))

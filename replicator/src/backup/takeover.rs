@@ -15,6 +15,10 @@ impl Backup {
         }
         let t = Instant::now();
         replica.restore()?;
+        #[cfg(feature = "fault-injection")]
+        if let Some(Ok(f)) = machine.vm.devices().disk().map(|d| d.file()) {
+            crate::disk_digest::record("takeover", replica.committed_epoch(), &f);
+        }
         let held = machine.output.restored().unwrap_or_default();
         Ok(Takeover {
             vm: machine.vm.clone(),

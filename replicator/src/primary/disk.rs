@@ -47,6 +47,10 @@ impl DiskSide {
     /// blocks and anything past the log's cap are read back from the image).
     pub(super) fn stage(&mut self, epoch: u64) -> Result<StagedDisk, DiskError> {
         let dirty = self.tracker.harvest();
+        #[cfg(feature = "fault-injection")]
+        if let Ok(f) = self.tracker.file() {
+            crate::disk_digest::record("primary", epoch, &f);
+        }
         let mut read: Vec<u64> = if self.extra.is_empty() {
             dirty.blocks
         } else {
