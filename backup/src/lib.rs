@@ -37,6 +37,9 @@ pub enum DaemonError {
     /// The replica's network device.
     #[error("network device: {0}")]
     Net(#[from] NetError),
+    /// The guest must not run (its new backup holds another guest).
+    #[error(transparent)]
+    Protect(#[from] castor_node::ProtectError),
     /// The takeover could not connect the guest's output.
     #[error("takeover: {0}")]
     Takeover(#[from] castor_node::TakeoverError),
@@ -188,7 +191,7 @@ fn take_over(
                 },
                 board,
                 &rt,
-            );
+            )?;
             castor_node::systemd::notify_stopping();
             Ok(())
         }

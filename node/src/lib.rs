@@ -43,7 +43,7 @@ pub use config::{
 };
 pub use mac::MacAddr;
 pub use net::{open_tap, NetError, NetTxSink, TapPolicy, TapRelease};
-pub use protect::{protect, OnBackupLoss, ProtectSwitch, Protection, SwitchError};
+pub use protect::{protect, OnBackupLoss, ProtectError, ProtectSwitch, Protection, SwitchError};
 pub use replica::{ReplicaIo, ReplicaNet};
 pub use runtime::{daemon_runtime, start_endpoints, RuntimeError};
 pub use sinks::{BufferedSink, SwitchSink, SwitchTxSink, UdpRelease};

@@ -42,6 +42,21 @@ pub struct Protection {
     pub on_backup_loss: OnBackupLoss,
 }
 
+/// Why a protect loop gave up its guest.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtectError {
+    /// The backup holds (and takes over) another guest of this pair: this
+    /// one, booted by a daemon restarted after a crash, must never run
+    /// beside it. The guest is paused and the daemon exits.
+    #[error("the backup {backup} holds the replica of another guest of this pair and takes it over; this guest was stopped: {message}")]
+    OtherGuest {
+        /// The backup.
+        backup: SocketAddr,
+        /// The backup's refusal.
+        message: String,
+    },
+}
+
 /// A suspend/resume request could not be carried out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SwitchError {
@@ -163,7 +178,8 @@ fn run_unprotected(buffer: &OutputBuffer, release: &dyn Release) {
 /// lives: connects (and reconnects: incrementally when the backup still
 /// holds this session's replica), and applies the backup-loss policy while
 /// no backup is attached. Every state change goes to `board`. Returns when
-/// the guest stops.
+/// the guest stops, or with an error when it must not run (see
+/// [`ProtectError`]).
 pub fn protect(
     vm: Arc<Vm>,
     buffer: Arc<OutputBuffer>,
@@ -171,7 +187,7 @@ pub fn protect(
     p: Protection,
     board: &Arc<StatusBoard>,
     rt: &tokio::runtime::Runtime,
-) {
+) -> Result<(), ProtectError> {
     let mut primary = Primary::new(
         vm.clone(),
         buffer.clone(),
@@ -246,7 +262,7 @@ pub fn protect(
                 let end = primary.replicate(conn, rt.handle());
                 match end {
                     Err(PrimaryError::Stopped) if switch.is_suspended() => continue,
-                    Err(PrimaryError::Stopped) => return,
+                    Err(PrimaryError::Stopped) => return Ok(()),
                     Err(PrimaryError::Detached) => {
                         log::warn!(
                             "!!! the backup {} DETACHED on purpose (maintenance): the guest runs UNPROTECTED \
@@ -255,6 +271,30 @@ pub fn protect(
                         );
                         detached = true;
                         Reason::BackupDetached
+                    }
+                    Err(PrimaryError::Refused { code, message })
+                        if code == castor_replicator::wire::ErrorCode::Occupied.as_u16() =>
+                    {
+                        // The backup holds (and will take over) another
+                        // guest of this pair: a daemon restarted after a
+                        // crash boots a new guest, which must never run
+                        // beside the one the backup resumes.
+                        log::error!(
+                            "!!! the backup {} holds the replica of ANOTHER guest of this pair and takes it over: \
+                             this guest is stopped and this primary exits ({message})",
+                            p.backup
+                        );
+                        vm.pause();
+                        board.unprotected(
+                            Reason::BackupRefused {
+                                message: message.clone(),
+                            },
+                            true,
+                        );
+                        return Err(ProtectError::OtherGuest {
+                            backup: p.backup,
+                            message,
+                        });
                     }
                     Err(PrimaryError::Refused { message, .. }) => {
                         retry_now = false;

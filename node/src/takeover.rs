@@ -88,7 +88,12 @@ pub struct TookOver {
 
 impl TookOver {
     /// Re-protects the guest ([`protect`]) until it stops.
-    pub fn protect(self, p: Protection, board: &Arc<StatusBoard>, rt: &tokio::runtime::Runtime) {
+    pub fn protect(
+        self,
+        p: Protection,
+        board: &Arc<StatusBoard>,
+        rt: &tokio::runtime::Runtime,
+    ) -> Result<(), crate::protect::ProtectError> {
         protect(self.vm, self.buffer, self.release, p, board, rt)
     }
 }

@@ -41,6 +41,9 @@ pub enum DaemonError {
     /// The guest's disk.
     #[error("disk: {0}")]
     Disk(#[from] castor_vmm::devices::DeviceError),
+    /// The guest must not run (its backup holds another guest of the pair).
+    #[error(transparent)]
+    Protect(#[from] castor_node::ProtectError),
     /// A record guest without `[output] release_to` (validated by
     /// `Config::parse`; a hand-built `Config` can still lack it).
     #[error("the record guest needs [output] release_to")]
@@ -126,7 +129,7 @@ pub fn run_with(cfg: Config, board: &Arc<StatusBoard>) -> Result<(), DaemonError
         cfg.backup
     );
     vm.resume();
-    castor_node::protect(
+    let end = castor_node::protect(
         vm,
         buffer,
         release,
@@ -142,5 +145,5 @@ pub fn run_with(cfg: Config, board: &Arc<StatusBoard>) -> Result<(), DaemonError
         &rt,
     );
     castor_node::systemd::notify_stopping();
-    Ok(())
+    Ok(end?)
 }

@@ -277,3 +277,84 @@ fn another_guests_hellos_do_not_hold_off_the_takeover() {
         ends.lock().unwrap()
     );
 }
+
+/// A primary daemon for the same pair that boots a NEW guest (restarted
+/// after a crash, or started twice) while the backup holds the live replica
+/// of the pair's guest: its protect loop is refused (`Occupied`), stops its
+/// guest and gives up with `ProtectError::OtherGuest` (the daemon exits
+/// with it) instead of running a second guest beside the one the backup
+/// will resume; it released nothing.
+#[test]
+fn a_new_guest_for_an_occupied_backup_is_stopped() {
+    require_kvm();
+    let Paired {
+        lb, backup, ends, ..
+    } = paired();
+    let released = Arc::new(AtomicU64::new(0));
+    struct Count(Arc<AtomicU64>);
+    impl Release for Count {
+        fn release(&self, _epoch: u64, items: &[castor_net_buffer::HeldItem]) {
+            self.0.fetch_add(items.len() as u64, Ordering::SeqCst);
+        }
+    }
+    let buffer = Arc::new(OutputBuffer::new(castor_net_buffer::Config::default()));
+    let release: Arc<dyn Release> = Arc::new(Count(released.clone()));
+    let vm = Arc::new(
+        Vm::new(
+            &VmConfig {
+                vcpus: 1,
+                mem_bytes: 32 << 20,
+                dirty_tracking: castor_vmm::DirtyTracking::Bitmap,
+                ..VmConfig::default()
+            },
+            Arc::new(BufferedSink {
+                buffer: buffer.clone(),
+                release: release.clone(),
+            }),
+        )
+        .unwrap(),
+    );
+    vm.boot(&GuestBoot {
+        workload: Workload::Dirtier(DirtierParams::default()),
+        seed: 3,
+    })
+    .unwrap();
+    vm.resume();
+    let board = castor_node::StatusBoard::new(castor_node::Role::Primary);
+    let end = castor_node::protect(
+        vm.clone(),
+        buffer,
+        release,
+        castor_node::Protection {
+            backup: lb.addr,
+            bind: "127.0.0.1:0".parse().unwrap(),
+            identity: lb.pid.clone(),
+            peer: lb.bid.cert(),
+            pipeline: PrimaryConfig {
+                epoch_interval: Duration::from_millis(5),
+                peer_timeout: Duration::from_secs(5),
+                ..Default::default()
+            },
+            on_backup_loss: castor_node::OnBackupLoss::Continue,
+        },
+        &board,
+        &lb.rt,
+    );
+    match end {
+        Err(castor_node::ProtectError::OtherGuest { message, .. }) => {
+            assert!(message.contains("another guest"), "{message}")
+        }
+        other => panic!(
+            "the new guest's protect loop ended with {other:?}; sessions: {:?}",
+            ends.lock().unwrap()
+        ),
+    }
+    assert_eq!(
+        released.load(Ordering::SeqCst),
+        0,
+        "the refused guest released output"
+    );
+    // The pair's guest is still taken over once its primary stays silent.
+    let (lost, _, epoch) = backup.join().unwrap();
+    assert!(epoch >= 20, "took over ({lost}) from epoch {epoch}");
+}
