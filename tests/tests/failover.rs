@@ -539,6 +539,20 @@ fn sigstop_round(round: usize, freeze: Freeze) -> bool {
     std::thread::sleep(Duration::from_millis(300));
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGCONT) }, 0);
+    let fenced_now = || {
+        std::fs::read_to_string(c.dir.join("primary.log"))
+            .unwrap_or_default()
+            .contains("fencing: no output is released")
+    };
+    if let Freeze::AtAck(_) = freeze {
+        // The ack in hand is acted on once the process runs again: wait for
+        // the verdict (a stuck deadline; a loaded host may take a while).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !fenced_now() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    // Give the continued primary time to (wrongly) release anything.
     std::thread::sleep(Duration::from_millis(1500));
     assert!(
         primary.check_alive().is_ok(),
