@@ -482,8 +482,8 @@ fn is_stopped(pid: u32) -> bool {
 enum Freeze {
     /// SIGSTOP from this test at a moment of its choosing.
     Signal,
-    /// The primary stops itself when `Ack(n)` arrives, before acting on it
-    /// (test hook `CASTOR_FAULT_STOP_AT_ACK`): an ack in hand, for sure.
+    /// The primary holds `Ack(n)` before acting on it (test hook
+    /// `CASTOR_FAULT_STOP_AT_ACK`) and is frozen then: an ack in hand, for sure.
     AtAck(u64),
 }
 
@@ -514,15 +514,26 @@ fn sigstop_round(round: usize, freeze: Freeze) -> bool {
             assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) }, 0);
         }
         Freeze::AtAck(n) => {
+            // The primary holds Ack(n) and says so; then it is frozen.
+            let holding = || {
+                std::fs::read_to_string(c.dir.join("primary.log"))
+                    .unwrap_or_default()
+                    .contains(&format!("holding Ack({n}) in hand"))
+            };
             let deadline = Instant::now() + Duration::from_secs(60);
-            while !is_stopped(pid) {
+            while !holding() {
                 assert!(
                     Instant::now() < deadline,
-                    "the primary never stopped itself at Ack({n})\n{}",
+                    "the primary never held Ack({n})\n{}",
                     logs(&c)
                 );
                 assert!(primary.check_alive().is_ok(), "primary died\n{}", logs(&c));
-                std::thread::sleep(Duration::from_millis(5));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            // SAFETY: kill(2) on our own child's pid with a valid signal.
+            assert_eq!(unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) }, 0);
+            while !is_stopped(pid) {
+                std::thread::sleep(Duration::from_millis(1));
             }
         }
     }
@@ -590,7 +601,7 @@ fn sigstop_round(round: usize, freeze: Freeze) -> bool {
 /// `on_backup_loss = "pause"`: the backup takes over while the primary is
 /// frozen; the old primary, once continued, never releases again and stays
 /// alive with its guest held. First with an ack in hand for sure (the
-/// primary stops itself when Ack(40) arrives: once continued it must fence
+/// primary holds Ack(40) and is frozen then: once continued it must fence
 /// itself rather than release that epoch), then frozen by SIGSTOP at
 /// random instants. One history throughout. `CASTOR_SIGSTOP_ROUNDS=N` sets
 /// the number of SIGSTOP rounds (default 3).

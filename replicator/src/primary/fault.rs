@@ -70,23 +70,36 @@ pub(super) fn inject(fault: Fault, data: Vec<u8>) -> Vec<u8> {
     }
 }
 
-/// Testing: with `CASTOR_FAULT_STOP_AT_ACK=N` in its environment, the
-/// process stops itself (SIGSTOP) once, when the backup's `Ack(N)` arrives
-/// and before acting on it: a primary frozen with an ack in hand, which a
-/// test then continues after the backup took over (the fence must refuse
-/// to release that ack's output).
+/// Testing: with `CASTOR_FAULT_STOP_AT_ACK=N` in its environment, the ack
+/// task holds the backup's `Ack(N)` before acting on it, once, until the
+/// process has been stopped and continued: it logs "holding Ack(N) in hand
+/// until this process is stopped", the test sends SIGSTOP and later
+/// SIGCONT, and the hold ends when it sees the standstill (a gap between
+/// two of its 1 ms naps; 60 s at most). A primary frozen with an ack in
+/// hand: the fence must then refuse to release that ack's output.
 pub(super) fn stop_at_ack(epoch: u64) {
     use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
     static FIRED: AtomicBool = AtomicBool::new(false);
     let at = std::env::var("CASTOR_FAULT_STOP_AT_ACK")
         .ok()
         .and_then(|v| v.parse::<u64>().ok());
-    if at == Some(epoch) && !FIRED.swap(true, Ordering::SeqCst) {
-        log::warn!("fault injection: stopping this process with Ack({epoch}) in hand");
-        // kill(1) rather than raise(3): this crate has no unsafe code. This
-        // thread waits for the child, stopped with the rest of the process.
-        let _ = std::process::Command::new("kill")
-            .args(["-STOP", &std::process::id().to_string()])
-            .status();
+    if at != Some(epoch) || FIRED.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    log::warn!("fault injection: holding Ack({epoch}) in hand until this process is stopped");
+    let start = Instant::now();
+    let mut last = Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(1));
+        let now = Instant::now();
+        if now.duration_since(last) > Duration::from_millis(250) {
+            log::warn!(
+                "fault injection: stood still for {:?}; acting on Ack({epoch}) now",
+                now.duration_since(last)
+            );
+            return;
+        }
+        last = now;
     }
 }
